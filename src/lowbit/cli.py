@@ -1,0 +1,163 @@
+"""``lowbit`` command line: quantize | eval | inspect. User errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+
+EPILOG = """examples:
+  lowbit quantize                                   # W4A16 g128 on the built-in SmolLM2-135M
+  lowbit quantize --scheme W8A16 --out out/w8
+  lowbit quantize minilm --scheme W8A16             # the built-in all-MiniLM-L6-v2 encoder
+  lowbit quantize path/to/hf_folder --scheme W4A16 --group-size 64 --asym --search mse
+  lowbit quantize --rule '*.down_proj=int8:channel' --ignore 're:.*layers\\.0\\..*'
+  lowbit eval out/smollm2-w4a16 --text my.txt --json
+  lowbit inspect model.gguf
+"""
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="evaluation text: plain text or .jsonl with a 'text' field (default: pydoc topics)")
+    p.add_argument("--windows", type=int, default=8, help="LM evaluation windows (default 8)")
+    p.add_argument("--window-length", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--sentences", type=int, default=256, help="encoder: paragraphs to embed (default 256)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="lowbit", description="Quantize neural networks and measure what it cost.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    q = sub.add_parser("quantize", help="quantize a model, write it, and measure it against the original")
+    q.add_argument("model", nargs="?", help="HF folder, .gguf file, or built-in 'smollm2' (default) / 'minilm'")
+    q.add_argument("--scheme", default="W4A16", help="W16A16, FP16, BF16, W8A16, W4A16 (default), W3A16, W2A16")
+    q.add_argument("--method", default="rtn", help="quantization method (default rtn)")
+    q.add_argument("--group-size", type=int, help="quantize in groups of N along the input dimension")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="unsigned codes with a zero point")
+    sym.add_argument("--sym", dest="symmetric", action="store_true", help="signed codes, no zero point")
+    q.add_argument("--search", choices=("minmax", "mse"), help="scale search (default minmax)")
+    q.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="dtype of tensors kept in float")
+    q.add_argument("--rule", action="append", default=[], metavar="PATTERN=SPEC",
+                   help="give matching modules SPEC (or 'keep'); first match wins; repeatable")
+    q.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="keep matching modules in float")
+    q.add_argument("--recipe", help="YAML recipe file (rules, ignore, scheme, method)")
+    q.add_argument("--out", help="output folder (default out/<model>-<scheme>...)")
+    q.add_argument("--force", action="store_true", help="replace an existing output folder")
+    q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
+    q.add_argument("--json", action="store_true", help="print report.json instead of a table")
+    _add_eval_args(q)
+
+    e = sub.add_parser("eval", help="re-evaluate a lowbit output folder against its original")
+    e.add_argument("checkpoint", help="a folder written by lowbit quantize")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_eval_args(e)
+
+    i = sub.add_parser("inspect", help="summarize a GGUF file, safetensors file/folder, or lowbit output")
+    i.add_argument("path")
+    i.add_argument("--all", action="store_true", help="list every tensor")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _eval_options(args: argparse.Namespace):
+    from lowbit.workflow import EvalOptions
+
+    return EvalOptions(text=args.text, windows=args.windows, length=args.window_length, sentences=args.sentences)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from lowbit.report import print_report
+    from lowbit.workflow import QuantizeOptions, quantize_job
+
+    opts = QuantizeOptions(
+        model=args.model, scheme=args.scheme, method=args.method, group_size=args.group_size,
+        symmetric=args.symmetric, scale_search=args.search, dtype=args.dtype, rules=tuple(args.rule),
+        ignore=tuple(args.ignore), recipe_file=args.recipe, out=args.out, force=args.force,
+        evaluate=not args.no_eval, eval=_eval_options(args),
+    )
+    report, out_dir = quantize_job(opts, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+        print(f"wrote {out_dir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lowbit.report import print_report
+    from lowbit.workflow import eval_job
+
+    report = eval_job(args.checkpoint, _eval_options(args), progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report({**report, "source_bytes": None})
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from lowbit.inspect_files import inspect_path
+
+    summary = inspect_path(args.path)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    _print_inspect(summary, args.all)
+
+
+def _print_inspect(summary: dict[str, Any], show_all: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{summary['path']}[/bold] ({summary['kind']}, {summary['file_bytes'] / 1e6:.1f} MB on disk)")
+    for key, value in summary.get("metadata", {}).items():
+        console.print(f"  {key} = {value}")
+    table = Table(title="by type")
+    for col in ("type", "tensors", "elements", "MB", "bits/weight"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+    for name, agg in sorted(summary["by_type"].items(), key=lambda kv: -kv[1]["elements"]):
+        table.add_row(name, str(agg["tensors"]), f"{agg['elements']:,}", f"{agg['bytes'] / 1e6:.2f}",
+                      f"{8 * agg['bytes'] / max(agg['elements'], 1):.3f}")
+    table.add_row("total", str(len(summary["tensors"])), f"{summary['elements']:,}",
+                  f"{summary['tensor_bytes'] / 1e6:.2f}", f"{summary['bits_per_weight']:.3f}")
+    console.print(table)
+    if show_all:
+        rows = Table(title="tensors")
+        for col in ("name", "type", "shape", "bits/weight"):
+            rows.add_column(col)
+        for t in summary["tensors"]:
+            rows.add_row(t["name"], t["type"], str(t["shape"]), f"{8 * t['bytes'] / max(t['elements'], 1):.3f}")
+        console.print(rows)
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lowbit`` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        COMMANDS[args.command](args)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Calibration and evaluation text: the built-in pydoc corpus, plain text, jsonl."""

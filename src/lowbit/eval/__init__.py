@@ -1,0 +1,1 @@
+"""Measuring what quantization changed: language-model agreement, embedding similarity, sizes."""

@@ -1,0 +1,54 @@
+"""Integer grids of 2..8 bits: signed codes around zero (symmetric) or unsigned codes with a zero point.
+
+Symmetric scales follow GPTQ and compressed-tensors: a block's absolute maximum maps to (2^b - 1) / 2
+(7.5 for 4 bits), so codes use the full signed range [-2^(b-1), 2^(b-1) - 1] and exporters stay bit-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats.registry import register_format
+
+
+@dataclass(frozen=True)
+class IntegerFormat:
+    """b-bit integers; codes are int16 tensors holding either signed or unsigned values."""
+
+    bits: int
+    supports_asymmetric: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    def max_code_magnitude(self, symmetric: bool) -> float:
+        return self.levels / 2 if symmetric else float(self.levels)
+
+    def signed_range(self) -> tuple[int, int]:
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+    def zero_range(self) -> tuple[int, int]:
+        return 0, self.levels
+
+    def encode(self, x: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        q = torch.round(x)
+        if zero is None:
+            lo, hi = self.signed_range()
+        else:
+            q = q + zero
+            lo, hi = self.zero_range()
+        return q.clamp_(lo, hi).to(torch.int16)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.to(torch.float32)
+
+
+for _bits in range(2, 9):
+    register_format(IntegerFormat(_bits))

@@ -1,0 +1,96 @@
+"""Quantize and dequantize one tensor onto a spec's grid, given (or deriving) per-block scales.
+
+These are the primitives every method and exporter shares: ``quantize`` returns a QTensor,
+``dequantize`` turns it back into floats, and ``fake_quantize`` is exactly their composition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats import blocks
+from lowbit.formats.qtensor import QTensor
+from lowbit.formats.registry import get_format
+from lowbit.formats.spec import QuantSpec
+
+SCALE_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_finite(w: torch.Tensor, name: str = "tensor") -> None:
+    """Refuse NaN or Inf values with a one-line error: no grid can represent them."""
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise LowbitError(f"{name} has {bad} NaN/Inf values; fix or skip this tensor before quantizing")
+
+
+def params_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, shrink: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (in the spec's storage dtype) and zero points (int16, or None) for blocks with range [lo, hi].
+
+    ``shrink`` < 1 clips the range (used by the MSE search). The range always contains zero, so that
+    zero is exactly representable (GPTQ's convention).
+    """
+    fmt = get_format(spec.format)
+    scale_dtype = SCALE_TORCH_DTYPES[spec.scale_dtype]
+    tiny = torch.finfo(scale_dtype).tiny
+    if spec.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs()) * shrink
+        scale = (amax / fmt.max_code_magnitude(True)).clamp_min(tiny).to(scale_dtype)
+        return scale, None
+    lo = lo.clamp(max=0) * shrink
+    hi = hi.clamp(min=0) * shrink
+    scale = ((hi - lo) / fmt.max_code_magnitude(False)).clamp_min(tiny).to(scale_dtype)
+    zmin, zmax = fmt.zero_range()
+    zero = torch.round(-lo / scale.float()).clamp(zmin, zmax).to(torch.int16)
+    return scale, zero
+
+
+def minmax_params(w2d: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-block scales and zeros from each block's plain minimum and maximum."""
+    block = spec.block_size(*w2d.shape)
+    b, _ = blocks.to_blocks(w2d, block)
+    return params_from_range(b.amin(-1), b.amax(-1), spec)
+
+
+def encode(
+    w2d: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """Integer codes of a 2-D float tensor for given per-block scales and zeros."""
+    fmt = get_format(spec.format)
+    block = spec.block_size(*w2d.shape)
+    s = blocks.expand(scales.float(), tuple(w2d.shape), block)
+    z = None if zeros is None else blocks.expand(zeros.float(), tuple(w2d.shape), block)
+    return fmt.encode(w2d / s, z)
+
+
+def quantize(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    params: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    name: str = "tensor",
+) -> QTensor:
+    """Quantize ``w`` onto ``spec``'s grid; scales come from ``params`` or from the plain min/max."""
+    check_finite(w, name)
+    w2d = blocks.as_matrix(w.detach().to(torch.float32))
+    if spec.granularity == "block" and w.dim() != 2:
+        raise LowbitError(f"{name}: 2-D block granularity needs a 2-D tensor, got shape {tuple(w.shape)}")
+    scales, zeros = params if params is not None else minmax_params(w2d, spec)
+    codes = encode(w2d, scales, zeros, spec)
+    return QTensor(codes=codes, scales=scales, zeros=zeros, spec=spec, shape=tuple(w.shape))
+
+
+def dequantize(q: QTensor) -> torch.Tensor:
+    """Float32 values the codes stand for, in the original tensor shape."""
+    fmt = get_format(q.spec.format)
+    block = q.spec.block_size(*q.codes.shape)
+    values = fmt.decode(q.codes)
+    if q.zeros is not None:
+        values = values - blocks.expand(q.zeros.float(), tuple(q.codes.shape), block)
+    return (values * blocks.expand(q.scales.float(), tuple(q.codes.shape), block)).reshape(q.shape)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """dequantize(quantize(w)): the float tensor a quantized model really computes with."""
+    return dequantize(quantize(w, spec))

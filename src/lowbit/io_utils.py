@@ -1,0 +1,33 @@
+"""Writing outputs atomically: build under a temporary name beside the target, rename at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from lowbit.errors import LowbitError
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``target`` only if the block finishes without error."""
+    target = Path(target)
+    if target.exists() and not force and (target.is_file() or any(target.iterdir())):
+        raise LowbitError(f"output {target} already exists; choose another --out or pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(trash / "old")
+            tmp.rename(target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""Apply a recipe to a model: quantize each targeted weight with the recipe's method, cast the rest.
+
+The model is changed in place into its fake-quant twin: every quantized weight holds exactly
+dequantize(QTensor), every other parameter holds its value rounded to the recipe's float dtype. So what
+is evaluated is bit for bit what is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.formats.qtensor import QTensor
+from lowbit.formats.quantize import check_finite, dequantize
+from lowbit.formats.spec import QuantSpec
+from lowbit.methods import get_method
+from lowbit.recipe import Recipe
+
+FLOAT_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class QuantizedModel:
+    """The fake-quant model plus what gets written: QTensors and float tensors, keyed by parameter name."""
+
+    model: nn.Module
+    recipe: Recipe
+    qtensors: dict[str, QTensor] = field(default_factory=dict)
+    float_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def plan(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module, QuantSpec]]:
+    """The (module name, module, spec) of every weight the recipe quantizes, in model order."""
+    chosen = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
+            spec = recipe.spec_for(name, module)
+            if spec is not None:
+                chosen.append((name, module, spec))
+    return chosen
+
+
+def quantize_model(model: nn.Module, recipe: Recipe, progress: bool = True) -> QuantizedModel:
+    """Quantize ``model`` in place by ``recipe`` (data-free methods) and return what should be written."""
+    start = time.perf_counter()
+    for pname, param in model.named_parameters():
+        check_finite(param.data, pname)
+    method = get_method(recipe.method)
+    result = QuantizedModel(model=model, recipe=recipe)
+    done: set[int] = set()
+    with torch.no_grad():
+        for name, module, spec in tqdm(plan(model, recipe), desc=f"{recipe.method} {recipe.scheme}", disable=not progress):
+            pname = f"{name}.weight" if name else "weight"
+            qt = method(module.weight, spec, name=pname)
+            module.weight.data.copy_(dequantize(qt).to(module.weight.dtype))
+            result.qtensors[pname] = qt
+            done.add(id(module.weight))
+        float_dtype = FLOAT_TORCH_DTYPES[recipe.float_dtype]
+        for pname, param in model.named_parameters():
+            if id(param) in done or not param.is_floating_point():
+                continue
+            stored = param.data.to(float_dtype)
+            param.data.copy_(stored.to(param.dtype))
+            result.float_tensors[pname] = stored
+            done.add(id(param))
+    result.seconds = time.perf_counter() - start
+    return result

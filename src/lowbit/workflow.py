@@ -1,0 +1,198 @@
+"""The jobs behind the CLI: quantize a model and measure it, or re-evaluate a written checkpoint.
+
+Both measure against the unquantized model on the same tokens. The original's outputs are computed
+first and kept, so only one copy of the model's weights is ever in memory.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit import __version__
+from lowbit.data.text import eval_windows, load_text, paragraphs, text_label, tokenize
+from lowbit.errors import LowbitError
+from lowbit.eval.encoder import compare_embeddings, embed
+from lowbit.eval.lm import compare_lm, lm_reference
+from lowbit.eval.size import quantized_bits_per_weight
+from lowbit.io_utils import atomic_directory
+from lowbit.model.apply import QuantizedModel, quantize_model
+from lowbit.model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_manifest, write_checkpoint
+from lowbit.model.load import CAUSAL_LM, LoadedModel, load_model
+from lowbit.recipe import DEFAULT_IGNORE, Recipe, Rule, load_recipe, parse_rule, save_recipe
+from lowbit.schemes import get_scheme, weight_spec
+
+DEFAULT_SCHEME = "W4A16"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate on: a text file (None: pydoc topics), LM windows, or encoder sentences."""
+
+    text: str | None = None
+    windows: int = 8
+    length: int = 512
+    sentences: int = 256
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything ``lowbit quantize`` takes."""
+
+    model: str | None = None
+    scheme: str = DEFAULT_SCHEME
+    method: str = "rtn"
+    group_size: int | None = None
+    symmetric: bool | None = None
+    scale_search: str | None = None
+    dtype: str | None = None
+    rules: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    recipe_file: str | None = None
+    out: str | None = None
+    force: bool = False
+    evaluate: bool = True
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+
+def build_recipe(opts: QuantizeOptions) -> Recipe:
+    """The recipe for these options: a recipe file if given, else the scheme plus CLI rules and ignores."""
+    if opts.recipe_file:
+        recipe = load_recipe(opts.recipe_file)
+        extra = tuple(parse_rule(r) for r in opts.rules)
+        return Recipe(recipe.scheme, opts.method if opts.method != "rtn" else recipe.method,
+                      opts.dtype or recipe.float_dtype, extra + recipe.rules, recipe.ignore + opts.ignore)
+    scheme = get_scheme(opts.scheme)
+    spec = weight_spec(scheme, opts.group_size, opts.symmetric, opts.scale_search)
+    rules = tuple(parse_rule(r) for r in opts.rules)
+    if spec is not None:
+        rules += (Rule(targets=("Linear",), spec=spec),)
+    return Recipe(scheme=scheme.name, method=opts.method, float_dtype=opts.dtype or scheme.float_dtype,
+                  rules=rules, ignore=DEFAULT_IGNORE + opts.ignore)
+
+
+def default_out_dir(opts: QuantizeOptions, recipe: Recipe) -> Path:
+    """out/<model>-<scheme>[-g<N>][-asym][-mse]: a readable default output folder name."""
+    model = Path(opts.model).stem if opts.model else "smollm2"
+    parts = [model.lower(), recipe.scheme.lower()]
+    if opts.group_size:
+        parts.append(f"g{opts.group_size}")
+    if opts.symmetric is False:
+        parts.append("asym")
+    if opts.scale_search == "mse":
+        parts.append("mse")
+    if opts.method != "rtn":
+        parts.append(opts.method)
+    return Path("out") / re.sub(r"[^a-z0-9_.-]+", "-", "-".join(parts))
+
+
+class Evaluator:
+    """Keeps the original model's outputs on the evaluation data and compares other models with them."""
+
+    def __init__(self, loaded_kind: str, tokenizer: Any, opts: EvalOptions, progress: bool = True):
+        self.kind, self.tokenizer, self.opts, self.progress = loaded_kind, tokenizer, opts, progress
+        self.text = load_text(opts.text)
+        self.reference: Any = None
+
+    def observe_original(self, model: torch.nn.Module) -> None:
+        """Run the original model over the evaluation data and keep its outputs."""
+        if self.kind == CAUSAL_LM:
+            windows = eval_windows(tokenize(self.tokenizer, self.text), self.opts.windows, self.opts.length)
+            self.reference = lm_reference(model, windows.ids, self.progress)
+        else:
+            self.sentences = paragraphs(self.text, self.opts.sentences)
+            self.reference = embed(model, self.tokenizer, self.sentences, progress=self.progress)
+
+    def compare(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The eval section of report.json for ``model`` against the original."""
+        head: dict[str, Any] = {"text": text_label(self.opts.text)}
+        if self.kind == CAUSAL_LM:
+            ref = self.reference
+            head.update(windows=int(ref.windows.shape[0]), window_length=int(ref.windows.shape[1]),
+                        tokens=int(ref.windows.numel()))
+            return head | compare_lm(model, ref, self.progress)
+        emb = embed(model, self.tokenizer, self.sentences, progress=self.progress)
+        return head | {"sentences": len(self.sentences)} | compare_embeddings(self.reference, emb)
+
+
+def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str, Any], Path]:
+    """Load, quantize, write atomically, measure; returns (report, output folder)."""
+    t0 = time.perf_counter()
+    recipe = build_recipe(opts)
+    out_dir = Path(opts.out) if opts.out else default_out_dir(opts, recipe)
+    loaded = load_model(opts.model)
+    t_load = time.perf_counter() - t0
+    evaluator = Evaluator(loaded.kind, loaded.tokenizer, opts.eval, progress) if opts.evaluate else None
+    t1 = time.perf_counter()
+    if evaluator:
+        evaluator.observe_original(loaded.model)
+    t_ref = time.perf_counter() - t1
+    qm = quantize_model(loaded.model, recipe, progress)
+    if not qm.qtensors and recipe.rules and any(r.spec for r in recipe.rules):
+        raise LowbitError("the recipe's rules matched no weight of this model; check the targets")
+    with atomic_directory(out_dir, force=opts.force) as tmp:
+        write_checkpoint(qm, tmp, loaded.model.config, loaded.tokenizer, _manifest(loaded, recipe))
+        save_recipe(recipe, tmp / "recipe.yaml")
+        t2 = time.perf_counter()
+        metrics = evaluator.compare(qm.model) if evaluator else None
+        t_eval = t_ref + time.perf_counter() - t2
+        report = _report(loaded, qm, tmp, metrics, {"load": t_load, "quantize": qm.seconds, "eval": t_eval})
+        write_report(report, tmp / "report.json")
+    return report, out_dir
+
+
+def eval_job(out_dir: str | Path, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
+    """Re-evaluate a written checkpoint against the original it was made from."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise LowbitError(f"{out_dir} is not a folder; give a lowbit quantize output folder")
+    manifest = read_manifest(out_dir)
+    original = load_model(manifest["source"])
+    evaluator = Evaluator(original.kind, original.tokenizer, opts, progress)
+    t0 = time.perf_counter()
+    evaluator.observe_original(original.model)
+    del original
+    model, _, _ = load_checkpoint(out_dir)
+    metrics = evaluator.compare(model)
+    bpw = quantized_bits_per_weight(out_dir / WEIGHTS_FILE)
+    return {
+        "model": manifest["source"], "checkpoint": str(out_dir), "scheme": manifest.get("scheme"),
+        "method": manifest.get("method"), "spec": manifest.get("spec"),
+        "size_bytes": (out_dir / WEIGHTS_FILE).stat().st_size, "bits_per_weight": bpw,
+        "eval": metrics, "seconds": {"eval": time.perf_counter() - t0}, "lowbit_version": __version__,
+    }
+
+
+def _main_spec(recipe: Recipe) -> str | None:
+    specs = [str(r.spec) for r in recipe.rules if r.spec is not None]
+    return specs[-1] if specs else None
+
+
+def _manifest(loaded: LoadedModel, recipe: Recipe) -> dict[str, Any]:
+    return {"lowbit_version": __version__, "format_version": 1, "source": loaded.source, "kind": loaded.kind,
+            "scheme": recipe.scheme, "method": recipe.method, "spec": _main_spec(recipe)}
+
+
+def _report(loaded: LoadedModel, qm: QuantizedModel, out: Path, metrics, seconds) -> dict[str, Any]:
+    weights = out / WEIGHTS_FILE
+    bpw = quantized_bits_per_weight(weights)
+    return {
+        "model": loaded.source, "kind": loaded.kind, "scheme": qm.recipe.scheme, "method": qm.recipe.method,
+        "spec": _main_spec(qm.recipe), "float_dtype": qm.recipe.float_dtype,
+        "size_bytes": weights.stat().st_size, "source_bytes": loaded.source_bytes,
+        "bits_per_weight": bpw if bpw is not None else float(16 if qm.recipe.float_dtype != "fp32" else 32),
+        "quantized_tensors": len(qm.qtensors), "quantized_weights": sum(q.numel for q in qm.qtensors.values()),
+        "eval": metrics, "seconds": seconds, "lowbit_version": __version__,
+    }
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """report.json, pretty-printed."""
+    import json
+
+    path.write_text(json.dumps(report, indent=2) + "\n")
