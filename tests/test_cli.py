@@ -188,3 +188,36 @@ def test_text_too_short_for_a_window(tmp_path, tiny_llama_dir, capsys):
 def test_eval_of_a_folder_that_is_not_ours(tmp_path, tiny_llama_dir, capsys):
     code, _, err = _run(capsys, "eval", tiny_llama_dir)
     assert code == 2 and "not a lowbit output folder" in err
+
+
+def test_calibrated_method_records_its_samples(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "gptq"
+    code, stdout, _ = _run(capsys, "quantize", tiny_llama_dir, "--scheme", "W4A16", "--group-size", "32",
+                           "--method", "awq+gptq", "--act-order", "--calib-samples", "6", "--calib-length", "64",
+                           "--calib-batch", "4", "--out", out, "--json", *EVAL)
+    assert code == 0
+    report = json.loads(stdout)
+    cal = report["calibration"]
+    assert cal["samples"] == 6 and cal["length"] == 64 and len(cal["sample_starts"]) == 6
+    assert min(cal["sample_starts"]) >= report["eval"]["tokens"]  # never the evaluation tokens
+    assert report["method"] == "awq+gptq" and report["peak_rss_mb"] > 0
+    recipe = (out / "recipe.yaml").read_text()
+    assert "act_order: true" in recipe and "method: awq+gptq" in recipe
+
+
+@pytest.mark.parametrize("args, match", [(["--calib-samples", "0"], "must be positive"),
+                                         (["--calib-samples", "100000"], "gives only")])
+def test_bad_calibration_options(tmp_path, tiny_llama_dir, capsys, args, match):
+    _assert_clean_failure(capsys, tmp_path / "o", "quantize", tiny_llama_dir, "--method", "gptq", "--out",
+                          tmp_path / "o", *args, match=match)
+
+
+def test_stream_then_eval(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "streamed"
+    code, stdout, _ = _run(capsys, "quantize", tiny_llama_dir, "--method", "gptq", "--group-size", "32", "--stream",
+                           "--calib-samples", "4", "--calib-length", "64", "--out", out, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["streamed"] is True and report["eval"] is None and report["quantized_tensors"] == 14
+    code, stdout, _ = _run(capsys, "eval", out, "--json", *EVAL)
+    assert code == 0 and json.loads(stdout)["eval"]["kld"] > 0

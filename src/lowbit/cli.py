@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from lowbit import __version__
+from lowbit.cli_export import add_export_parser
 from lowbit.errors import LowbitError
 
 EPILOG = """examples:
@@ -16,6 +17,8 @@ EPILOG = """examples:
   lowbit quantize minilm --scheme W8A16             # the built-in all-MiniLM-L6-v2 encoder
   lowbit quantize path/to/hf_folder --scheme W4A16 --group-size 64 --asym --search mse
   lowbit quantize --rule '*.down_proj=int8:channel' --ignore 're:.*layers\\.0\\..*'
+  lowbit quantize --scheme W4A16 --asym --method gptq --act-order      # calibrated (128 x 512 tokens)
+  lowbit quantize --scheme W3A16 --asym --method awq+gptq --calib-text my.jsonl
   lowbit eval out/smollm2-w4a16 --text my.txt --json
   lowbit inspect model.gguf
 """
@@ -37,14 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model, write it, and measure it against the original")
     q.add_argument("model", nargs="?", help="HF folder, .gguf file, or built-in 'smollm2' (default) / 'minilm'")
-    q.add_argument("--scheme", default="W4A16", help="W16A16, FP16, BF16, W8A16, W4A16 (default), W3A16, W2A16")
-    q.add_argument("--method", default="rtn", help="quantization method (default rtn)")
+    q.add_argument("--scheme", default="W4A16", help="W16A16, FP16, BF16, W8A16, W4A16 (default), W3A16, W2A16, FP8, FP8_E5M2, NVFP4, MXFP4, "
+                   "MXFP8, FP4, NF4, LOG2, TERNARY, BINARY")
+    q.add_argument("--method", default="rtn",
+                   help="rtn (default), gptq, awq, awq+gptq, smoothquant, smoothquant+gptq")
     q.add_argument("--group-size", type=int, help="quantize in groups of N along the input dimension")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="unsigned codes with a zero point")
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="signed codes, no zero point")
     q.add_argument("--search", choices=("minmax", "mse"), help="scale search (default minmax)")
     q.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="dtype of tensors kept in float")
+    q.add_argument("--act", metavar="SPEC", help="activation quantization, e.g. int8:token:dynamic, "
+                   "int8:tensor:static:kl (observers: minmax, percentile, mse, kl)")
     q.add_argument("--rule", action="append", default=[], metavar="PATTERN=SPEC",
                    help="give matching modules SPEC (or 'keep'); first match wins; repeatable")
     q.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="keep matching modules in float")
@@ -52,8 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output folder (default out/<model>-<scheme>...)")
     q.add_argument("--force", action="store_true", help="replace an existing output folder")
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
+    q.add_argument("--stream", action="store_true", help="read a HF folder one block at a time (bounded memory; "
+                   "no evaluation, run 'lowbit eval DIR' afterwards)")
     q.add_argument("--json", action="store_true", help="print report.json instead of a table")
     _add_eval_args(q)
+    c = q.add_argument_group("calibration (gptq, awq, smoothquant)")
+    c.add_argument("--calib-text", help="calibration text: plain text or .jsonl (default: pydoc topics after the eval part)")
+    c.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
+    c.add_argument("--calib-length", type=int, default=512, help="tokens per calibration sample (default 512)")
+    c.add_argument("--calib-batch", type=int, default=8, help="samples per forward pass (default 8)")
+    c.add_argument("--calib-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="precision of the calibration forward passes (bf16: faster on CPUs with bf16 units)")
+    c.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by descending Hessian diagonal")
+    c.add_argument("--static-groups", action="store_true", help="GPTQ: group scales from the original weights")
+    c.add_argument("--damp", type=float, help="GPTQ: dampening as a fraction of mean diag(H) (default 0.01)")
+    c.add_argument("--awq-grid", type=int, help="AWQ: exponents tried in [0, 1) (default 20)")
+    c.add_argument("--alpha", type=float, help="SmoothQuant: migration strength (default 0.5)")
 
     e = sub.add_parser("eval", help="re-evaluate a lowbit output folder against its original")
     e.add_argument("checkpoint", help="a folder written by lowbit quantize")
@@ -64,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--all", action="store_true", help="list every tensor")
     i.add_argument("--json", action="store_true", help="print JSON")
+    add_export_parser(sub)
     return parser
 
 
@@ -75,13 +97,22 @@ def _eval_options(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from lowbit.report import print_report
-    from lowbit.workflow import QuantizeOptions, quantize_job
+    from lowbit.workflow import CalibrationOptions, QuantizeOptions, quantize_job
 
+    if args.calib_samples <= 0 or args.calib_length < 2 or args.calib_batch <= 0:
+        raise LowbitError("--calib-samples and --calib-batch must be positive and --calib-length at least 2")
+    method_options = {"act_order": args.act_order or None, "static_groups": args.static_groups or None,
+                      "damp": args.damp, "grid": args.awq_grid, "alpha": args.alpha}
     opts = QuantizeOptions(
         model=args.model, scheme=args.scheme, method=args.method, group_size=args.group_size,
         symmetric=args.symmetric, scale_search=args.search, dtype=args.dtype, rules=tuple(args.rule),
         ignore=tuple(args.ignore), recipe_file=args.recipe, out=args.out, force=args.force,
         evaluate=not args.no_eval, eval=_eval_options(args),
+        calibration=CalibrationOptions(args.calib_text, args.calib_samples, args.calib_length, args.calib_batch,
+                                       dtype=args.calib_dtype),
+        method_options=tuple((k, v) for k, v in method_options.items() if v is not None),
+        activations=args.act,
+        stream=args.stream,
     )
     report, out_dir = quantize_job(opts, progress=not args.json)
     if args.json:
@@ -149,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        COMMANDS[args.command](args)
+        (getattr(args, "handler", None) or COMMANDS[args.command])(args)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2

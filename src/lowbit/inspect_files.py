@@ -79,7 +79,7 @@ def _inspect_lowbit(path: Path) -> dict[str, Any]:
     quantized = meta.get("quantized", {})
     rows, owned = [], set()
     for name, entry in quantized.items():
-        parts = [f"{name}.{p}" for p in ("qcodes", "scales", "qzeros") if f"{name}.{p}" in header]
+        parts = [f"{name}.{p}" for p in ("qcodes", "scales", "qzeros", "global_scale") if f"{name}.{p}" in header]
         owned.update(parts)
         nbytes = sum(header[p]["data_offsets"][1] - header[p]["data_offsets"][0] for p in parts)
         rows.append({"name": name, "type": entry["spec"], "shape": entry["shape"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,3 +32,23 @@ def atomic_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` that replaces it only if the block finishes without error."""
+    target = Path(target)
+    if target.is_dir():
+        raise LowbitError(f"output {target} is a folder; give a file name")
+    if target.exists() and not force:
+        raise LowbitError(f"output {target} already exists; choose another --out or pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.formats.activation import ActivationSpec, parse_activation_spec
 from lowbit.formats.spec import QuantSpec, parse_spec
 from lowbit.schemes import FLOAT_DTYPES
 
@@ -31,6 +32,7 @@ class Rule:
 
     targets: tuple[str, ...]
     spec: QuantSpec | None
+    input_spec: ActivationSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -42,19 +44,33 @@ class Recipe:
     float_dtype: str = "fp16"
     rules: tuple[Rule, ...] = ()
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from lowbit.methods import split_method
+
+        split_method(self.method)
         if self.float_dtype not in FLOAT_DTYPES:
             raise LowbitError(f"unknown float dtype {self.float_dtype!r}; use one of {', '.join(FLOAT_DTYPES)}")
 
-    def spec_for(self, name: str, module: nn.Module) -> QuantSpec | None:
-        """The spec for the weight of module ``name``, or None when it stays in float."""
+    def rule_for(self, name: str, module: nn.Module) -> Rule | None:
+        """The first rule matching module ``name``, or None when it is ignored or matches nothing."""
         if any(target_matches(t, name, module) for t in self.ignore):
             return None
         for rule in self.rules:
             if any(target_matches(t, name, module) for t in rule.targets):
-                return rule.spec
+                return rule
         return None
+
+    def spec_for(self, name: str, module: nn.Module) -> QuantSpec | None:
+        """The spec for the weight of module ``name``, or None when it stays in float."""
+        rule = self.rule_for(name, module)
+        return rule.spec if rule else None
+
+    def input_spec_for(self, name: str, module: nn.Module) -> ActivationSpec | None:
+        """How the input of module ``name`` is quantized (None: left in float)."""
+        rule = self.rule_for(name, module)
+        return rule.input_spec if rule and rule.spec else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for YAML/JSON."""
@@ -64,10 +80,16 @@ class Recipe:
             "method": self.method,
             "float_dtype": self.float_dtype,
             "ignore": list(self.ignore),
-            "rules": [
-                {"targets": list(r.targets), "spec": str(r.spec) if r.spec else "keep"} for r in self.rules
-            ],
+            "options": dict(self.options),
+            "rules": [_rule_dict(r) for r in self.rules],
         }
+
+
+def _rule_dict(rule: Rule) -> dict[str, Any]:
+    out: dict[str, Any] = {"targets": list(rule.targets), "spec": str(rule.spec) if rule.spec else "keep"}
+    if rule.input_spec is not None:
+        out["input"] = str(rule.input_spec)
+    return out
 
 
 def target_matches(target: str, name: str, module: nn.Module) -> bool:
@@ -93,7 +115,7 @@ def _spec_or_keep(text: str) -> QuantSpec | None:
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Build a recipe from plain data; unknown keys are an error (a typo must not be silently ignored)."""
-    known = {"lowbit_recipe", "scheme", "method", "float_dtype", "ignore", "rules"}
+    known = {"lowbit_recipe", "scheme", "method", "float_dtype", "ignore", "rules", "options"}
     if not isinstance(data, dict):
         raise LowbitError(f"{source}: a recipe must be a mapping with keys {', '.join(sorted(known))}")
     unknown = set(data) - known
@@ -101,17 +123,19 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise LowbitError(f"{source}: unknown recipe keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     rules = []
     for i, rule in enumerate(data.get("rules") or []):
-        if not isinstance(rule, dict) or set(rule) != {"targets", "spec"}:
-            raise LowbitError(f"{source}: rule {i} must have exactly the keys 'targets' and 'spec'")
+        if not isinstance(rule, dict) or not {"targets", "spec"} <= set(rule) <= {"targets", "spec", "input"}:
+            raise LowbitError(f"{source}: rule {i} must have the keys 'targets' and 'spec' (and optionally 'input')")
         targets = rule["targets"]
         targets = (targets,) if isinstance(targets, str) else tuple(str(t) for t in targets)
-        rules.append(Rule(targets=targets, spec=_spec_or_keep(str(rule["spec"]))))
+        input_spec = parse_activation_spec(str(rule["input"])) if rule.get("input") else None
+        rules.append(Rule(targets=targets, spec=_spec_or_keep(str(rule["spec"])), input_spec=input_spec))
     return Recipe(
         scheme=str(data.get("scheme", "custom")),
         method=str(data.get("method", "rtn")),
         float_dtype=str(data.get("float_dtype", "fp16")),
         rules=tuple(rules),
         ignore=tuple(str(t) for t in data.get("ignore", DEFAULT_IGNORE)),
+        options=dict(data.get("options") or {}),
     )
 
 

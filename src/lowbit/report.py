@@ -52,10 +52,17 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console = console or Console()
     console.print(quantize_table(report))
     ev = report.get("eval") or {}
+    if report.get("streamed"):
+        console.print("[dim]streamed block by block: not evaluated here; run 'lowbit eval DIR' to measure.[/dim]")
     if "tokens" in ev:
         console.print(f"[dim]evaluated on {ev['windows']} windows x {ev['window_length']} tokens of {ev['text']}; "
                       "KLD = mean KL(original || quantized) per token; bpw counts codes, scales and zeros "
                       "of the quantized weights; original size = source file on disk.[/dim]")
+    cal = report.get("calibration")
+    if cal:
+        console.print(f"[dim]calibration: {cal['samples']} samples x {cal['length']} tokens of {cal['text']} "
+                      f"(from token {cal['first_token']} on, disjoint from the evaluation windows); "
+                      f"peak RSS {report.get('peak_rss_mb', 0):.0f} MB.[/dim]")
     if str(report.get("model", "")).endswith(".Q4_1.gguf"):
         console.print("[dim]note: this model's float weights are dequantized Q4_1 (asymmetric 4-bit, blocks of 32); "
                       "specs that re-quantize onto that grid look better here than on a true float model.[/dim]")

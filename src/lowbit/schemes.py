@@ -1,7 +1,8 @@
 """Model-level presets named as people say them (W8A16, W4A16, ...): a weight spec plus a float dtype.
 
 A scheme is plain data. ``weights`` is a spec string (None: only cast to 16-bit floats); every tensor a
-rule keeps in high precision is stored in ``float_dtype``.
+rule keeps in high precision is stored in ``float_dtype``; ``activations`` (an activation spec string,
+or None for weight-only schemes) says how the quantized linears' inputs are quantized.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Scheme:
     weights: str | None
     float_dtype: str
     description: str
+    activations: str | None = None
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -32,6 +34,20 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("W4A16", "int4:g128", "fp16", "int4 weights in groups of 128 along the input"),
         Scheme("W3A16", "int3:g128", "fp16", "int3 weights in groups of 128 along the input"),
         Scheme("W2A16", "int2:g64", "fp16", "int2 weights in groups of 64 along the input"),
+        Scheme("W8A8", "int8:channel", "fp16", "int8 weights per channel, int8 activations per token (dynamic)",
+               "int8:token:dynamic"),
+        Scheme("W4A8", "int4:g128", "fp16", "int4 weights in groups of 128, int8 activations per token (dynamic)",
+               "int8:token:dynamic"),
+        Scheme("FP8", "fp8_e4m3:channel", "fp16", "FP8 E4M3 weights, one fp32 scale per output channel"),
+        Scheme("FP8_E5M2", "fp8_e5m2:channel", "fp16", "FP8 E5M2 weights, one fp32 scale per output channel"),
+        Scheme("NVFP4", "nvfp4", "fp16", "FP4 E2M1 in blocks of 16, E4M3 block scales, fp32 tensor scale"),
+        Scheme("MXFP4", "mxfp4", "fp16", "OCP MXFP4: FP4 E2M1 in blocks of 32, E8M0 power-of-two scales"),
+        Scheme("MXFP8", "mxfp8", "fp16", "OCP MXFP8: FP8 E4M3 in blocks of 32, E8M0 power-of-two scales"),
+        Scheme("FP4", "fp4_e2m1:g32", "fp16", "FP4 E2M1 in groups of 32 with fp16 scales"),
+        Scheme("NF4", "nf4:g64", "fp16", "NormalFloat4 (bitsandbytes levels), absmax in groups of 64"),
+        Scheme("LOG2", "log2_4:g32", "fp16", "4-bit powers of two (sign + 2^-6..2^0, zero) in groups of 32"),
+        Scheme("TERNARY", "ternary:g64", "fp16", "{-1, 0, +1} x TWN scale in groups of 64"),
+        Scheme("BINARY", "binary:g64", "fp16", "{-1, +1} x mean|w| in groups of 64"),
     )
 }
 

@@ -15,15 +15,18 @@ from typing import Any
 import torch
 
 from lowbit import __version__
-from lowbit.data.text import eval_windows, load_text, paragraphs, text_label, tokenize
+from lowbit.data.text import calibration_windows, eval_windows, load_text, paragraphs, text_label, tokenize
 from lowbit.errors import LowbitError
+from lowbit.formats.activation import parse_activation_spec
 from lowbit.eval.encoder import compare_embeddings, embed
 from lowbit.eval.lm import compare_lm, lm_reference
 from lowbit.eval.size import quantized_bits_per_weight
 from lowbit.io_utils import atomic_directory
 from lowbit.model.apply import QuantizedModel, quantize_model
 from lowbit.model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_manifest, write_checkpoint
+from lowbit.methods import needs_calibration
 from lowbit.model.load import CAUSAL_LM, LoadedModel, load_model
+from lowbit.pipeline.calibrated import peak_rss_mb, quantize_calibrated
 from lowbit.recipe import DEFAULT_IGNORE, Recipe, Rule, load_recipe, parse_rule, save_recipe
 from lowbit.schemes import get_scheme, weight_spec
 
@@ -38,6 +41,18 @@ class EvalOptions:
     windows: int = 8
     length: int = 512
     sentences: int = 256
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Calibration samples for calibrated methods: n windows of ``length`` tokens, after the eval windows."""
+
+    text: str | None = None
+    samples: int = 128
+    length: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    dtype: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,10 @@ class QuantizeOptions:
     force: bool = False
     evaluate: bool = True
     eval: EvalOptions = field(default_factory=EvalOptions)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    method_options: tuple[tuple[str, object], ...] = ()
+    activations: str | None = None
+    stream: bool = False
 
 
 def build_recipe(opts: QuantizeOptions) -> Recipe:
@@ -66,14 +85,22 @@ def build_recipe(opts: QuantizeOptions) -> Recipe:
         recipe = load_recipe(opts.recipe_file)
         extra = tuple(parse_rule(r) for r in opts.rules)
         return Recipe(recipe.scheme, opts.method if opts.method != "rtn" else recipe.method,
-                      opts.dtype or recipe.float_dtype, extra + recipe.rules, recipe.ignore + opts.ignore)
+                      opts.dtype or recipe.float_dtype, extra + recipe.rules, recipe.ignore + opts.ignore,
+                      {**recipe.options, **dict(opts.method_options)})
     scheme = get_scheme(opts.scheme)
     spec = weight_spec(scheme, opts.group_size, opts.symmetric, opts.scale_search)
     rules = tuple(parse_rule(r) for r in opts.rules)
+    act = opts.activations or scheme.activations
     if spec is not None:
-        rules += (Rule(targets=("Linear",), spec=spec),)
+        rules += (Rule(targets=("Linear",), spec=spec, input_spec=parse_activation_spec(act) if act else None),)
     return Recipe(scheme=scheme.name, method=opts.method, float_dtype=opts.dtype or scheme.float_dtype,
-                  rules=rules, ignore=DEFAULT_IGNORE + opts.ignore)
+                  rules=rules, ignore=DEFAULT_IGNORE + opts.ignore, options=dict(opts.method_options))
+
+
+def recipe_needs_calibration(recipe: Recipe) -> bool:
+    """Whether the recipe's method or its static activation scales need calibration data."""
+    static_acts = any(r.input_spec is not None and not r.input_spec.dynamic for r in recipe.rules)
+    return needs_calibration(recipe.method) or static_acts
 
 
 def default_out_dir(opts: QuantizeOptions, recipe: Recipe) -> Path:
@@ -125,6 +152,8 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
     t0 = time.perf_counter()
     recipe = build_recipe(opts)
     out_dir = Path(opts.out) if opts.out else default_out_dir(opts, recipe)
+    if opts.stream:
+        return _stream_job(opts, recipe, out_dir, progress)
     loaded = load_model(opts.model)
     t_load = time.perf_counter() - t0
     evaluator = Evaluator(loaded.kind, loaded.tokenizer, opts.eval, progress) if opts.evaluate else None
@@ -132,7 +161,13 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
     if evaluator:
         evaluator.observe_original(loaded.model)
     t_ref = time.perf_counter() - t1
-    qm = quantize_model(loaded.model, recipe, progress)
+    calibration = None
+    if recipe_needs_calibration(recipe):
+        calib_ids, calibration = _calibration_samples(loaded, opts)
+        qm = quantize_calibrated(loaded.model, recipe, calib_ids, opts.calibration.batch_size, progress,
+                                 compute_dtype=_compute_dtype(opts))
+    else:
+        qm = quantize_model(loaded.model, recipe, progress)
     if not qm.qtensors and recipe.rules and any(r.spec for r in recipe.rules):
         raise LowbitError("the recipe's rules matched no weight of this model; check the targets")
     with atomic_directory(out_dir, force=opts.force) as tmp:
@@ -142,6 +177,55 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
         metrics = evaluator.compare(qm.model) if evaluator else None
         t_eval = t_ref + time.perf_counter() - t2
         report = _report(loaded, qm, tmp, metrics, {"load": t_load, "quantize": qm.seconds, "eval": t_eval})
+        report["calibration"] = calibration
+        report["peak_rss_mb"] = peak_rss_mb()
+        write_report(report, tmp / "report.json")
+    return report, out_dir
+
+
+def _compute_dtype(opts: QuantizeOptions) -> torch.dtype:
+    return torch.bfloat16 if opts.calibration.dtype == "bf16" else torch.float32
+
+
+def _calibration_samples(loaded: LoadedModel, opts: QuantizeOptions) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Calibration windows from the part of the text the evaluation does not use, and how they were drawn."""
+    cal = opts.calibration
+    ids = tokenize(loaded.tokenizer, load_text(cal.text))
+    same_text = cal.text == opts.eval.text
+    skip = opts.eval.windows * opts.eval.length if same_text else 0
+    windows = calibration_windows(ids, cal.samples, cal.length, eval_tokens=skip, seed=cal.seed)
+    if windows.ids.shape[0] < cal.samples:
+        raise LowbitError(f"the calibration text gives only {windows.ids.shape[0]} samples of {cal.length} tokens, "
+                          f"{cal.samples} were asked for; pass --calib-samples or a longer --calib-text")
+    starts = [int(skip + i * cal.length) for i in windows.picks.tolist()]
+    return windows.ids, {"text": text_label(cal.text), "samples": int(windows.ids.shape[0]), "length": cal.length,
+                         "dtype": cal.dtype,
+                         "first_token": skip, "seed": cal.seed, "sample_starts": starts}
+
+
+def _stream_job(opts: QuantizeOptions, recipe: Recipe, out_dir: Path, progress: bool) -> tuple[dict[str, Any], Path]:
+    """Quantize a Hugging Face folder block by block from disk (one block's float weights at a time).
+
+    The original is never fully in memory, so nothing is evaluated here: ``lowbit eval DIR`` does that.
+    """
+    from transformers import AutoTokenizer
+
+    from lowbit.model.load import resolve_source, source_size
+    from lowbit.model.streaming import StreamingSource
+
+    path = resolve_source(opts.model)
+    if not path.is_dir():
+        raise LowbitError(f"--stream reads a Hugging Face safetensors folder; {path} is not one")
+    source = StreamingSource(path)
+    loaded = LoadedModel(source.model, AutoTokenizer.from_pretrained(str(path)), source.kind, str(path), source_size(path))
+    calib_ids, calibration = _calibration_samples(loaded, opts)
+    qm = quantize_calibrated(source.model, recipe, calib_ids, opts.calibration.batch_size, progress, source=source,
+                             compute_dtype=_compute_dtype(opts))
+    with atomic_directory(out_dir, force=opts.force) as tmp:
+        write_checkpoint(qm, tmp, source.config, loaded.tokenizer, _manifest(loaded, recipe))
+        save_recipe(recipe, tmp / "recipe.yaml")
+        report = _report(loaded, qm, tmp, None, {"quantize": qm.seconds})
+        report.update(calibration=calibration, peak_rss_mb=peak_rss_mb(), streamed=True)
         write_report(report, tmp / "report.json")
     return report, out_dir
 

@@ -68,6 +68,7 @@ class TokenWindows:
 
     ids: torch.Tensor
     start: int
+    picks: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -105,7 +106,7 @@ def calibration_windows(
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(available, generator=g)[: min(n_samples, available)].sort().values
     ids = pool[: available * length].reshape(available, length)[picks]
-    return TokenWindows(ids=ids, start=eval_tokens)
+    return TokenWindows(ids=ids, start=eval_tokens, picks=picks)
 
 
 def paragraphs(text: str, n: int, min_chars: int = 20) -> list[str]:

@@ -8,11 +8,11 @@ from pathlib import Path
 from lowbit.model.checkpoint import read_header
 
 DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "U8": 8, "I8": 8,
-              "F8_E4M3": 8, "F8_E5M2": 8, "BOOL": 8}
+              "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "BOOL": 8}
 
 
 def quantized_bits_per_weight(weights_file: Path) -> float | None:
-    """Stored bits per element of the quantized weights (codes + scales + zeros), from the file header.
+    """Stored bits per element of the quantized weights (codes + scales + zeros + global scales), from the header.
 
     None when the checkpoint holds no quantized tensor (a plain 16-bit cast).
     """
@@ -23,7 +23,7 @@ def quantized_bits_per_weight(weights_file: Path) -> float | None:
     numel = sum(math.prod(e["shape"]) for e in entries.values())
     nbytes = 0
     for name in entries:
-        for part in ("qcodes", "scales", "qzeros"):
+        for part in ("qcodes", "scales", "qzeros", "global_scale"):
             info = header.get(f"{name}.{part}")
             if info:
                 nbytes += info["data_offsets"][1] - info["data_offsets"][0]

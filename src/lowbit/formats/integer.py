@@ -19,6 +19,7 @@ class IntegerFormat:
 
     bits: int
     supports_asymmetric: bool = True
+    codes_signed: bool = True
 
     @property
     def name(self) -> str:

@@ -15,6 +15,8 @@ class QTensor:
 
     ``codes`` has the 2-D matrix shape of the weight; ``shape`` is the original tensor shape.
     ``scales`` and ``zeros`` have shape (n_block_rows, n_block_cols); ``zeros`` is None when symmetric.
+    ``global_scale`` is the per-tensor FP32 second-level scale of ``scale=e4m3`` specs (NVFP4), shape (1,):
+    an element is then ``code_value * scale / global_scale``; None for every other spec.
     """
 
     codes: torch.Tensor
@@ -22,7 +24,23 @@ class QTensor:
     zeros: torch.Tensor | None
     spec: QuantSpec
     shape: tuple[int, ...]
+    global_scale: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
         return self.codes.numel()
+
+
+def split_rows(q: QTensor, sizes: list[int]) -> list[QTensor]:
+    """Split a QTensor of row-stacked matrices (row-wise spec: channel or group) into one per matrix."""
+    if len(sizes) == 1:
+        return [q]
+    if q.global_scale is not None or q.spec.granularity not in ("channel", "group") or len(q.shape) != 2:
+        raise ValueError(f"split_rows needs a 2-D row-wise QTensor, got {q.spec} {q.shape}")
+    out, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        zeros = None if q.zeros is None else q.zeros[rows].clone()
+        out.append(QTensor(q.codes[rows].clone(), q.scales[rows].clone(), zeros, q.spec, (n, q.shape[1])))
+        start += n
+    return out

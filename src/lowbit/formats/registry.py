@@ -10,11 +10,20 @@ from lowbit.errors import LowbitError
 
 
 class NumberFormat(Protocol):
-    """A grid of representable values, in units of one scale step; pure tensor math, no model walking."""
+    """A grid of representable values, in units of one scale step; pure tensor math, no model walking.
+
+    ``codes_signed``: whether symmetric codes are signed integers (stored with an offset of 2^(bits-1)) or
+    already unsigned bit patterns (float formats, table indices). Optional hooks, looked up by name:
+    ``block_params(blocks, mask, spec) -> (scales, zeros)`` for formats whose scale is not max-based
+    (ternary, binary); ``spec_defaults`` (spec fields a bare format name implies) and ``fixed_fields``
+    (fields a spec of this format must have, e.g. NVFP4's blocks of 16); ``exact_blocks`` (rows must be a
+    whole number of groups).
+    """
 
     name: str
     bits: int
     supports_asymmetric: bool
+    codes_signed: bool
 
     def max_code_magnitude(self, symmetric: bool) -> float:
         """What a block's largest |value| (symmetric) or value range (asymmetric) maps to, in scale units."""
@@ -59,3 +68,7 @@ def format_names() -> list[str]:
 
 # Formats register themselves on import; importing them here keeps one place that lists them all.
 from lowbit.formats import integer as _integer  # noqa: E402,F401
+from lowbit.formats import floating as _floating  # noqa: E402,F401
+from lowbit.formats import lut as _lut  # noqa: E402,F401
+from lowbit.formats import microscaling as _microscaling  # noqa: E402,F401
+from lowbit.formats import ternary as _ternary  # noqa: E402,F401

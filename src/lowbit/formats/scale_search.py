@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats import blocks
-from lowbit.formats.quantize import minmax_params, params_from_range
+from lowbit.formats.quantize import global_scale_of, minmax_params, params_from_range
 from lowbit.formats.registry import get_format
+from lowbit.formats.scales import scale_values, select
 from lowbit.formats.spec import QuantSpec
 
 
@@ -40,21 +41,22 @@ def mse_params(
         imp = importance.to(w2d.dtype).expand(w2d.shape)
         weight = weight * blocks.to_blocks(imp, block)[0]
     lo, hi = b.amin(-1), b.amax(-1)
-    best_scale, best_zero = params_from_range(lo, hi, spec)
-    best_err = _block_error(b, weight, best_scale, best_zero, fmt)
+    gs = global_scale_of(w2d, spec)
+    best_scale, best_zero = params_from_range(lo, hi, spec, global_scale=gs)
+    best_err = _block_error(b, weight, best_scale, best_zero, fmt, gs)
     for i in range(1, steps):
-        scale, zero = params_from_range(lo, hi, spec, shrink=1.0 - max_shrink * i / steps)
-        err = _block_error(b, weight, scale, zero, fmt)
+        scale, zero = params_from_range(lo, hi, spec, shrink=1.0 - max_shrink * i / steps, global_scale=gs)
+        err = _block_error(b, weight, scale, zero, fmt, gs)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
+        best_scale = select(better, scale, best_scale)
         if zero is not None:
             best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
 
 
-def _block_error(b, weight, scale, zero, fmt) -> torch.Tensor:
-    s = scale.float()[..., None]
+def _block_error(b, weight, scale, zero, fmt, global_scale=None) -> torch.Tensor:
+    s = scale_values(scale, global_scale)[..., None]
     z = None if zero is None else zero.float()[..., None]
     values = fmt.decode(fmt.encode(b / s, z))
     if z is not None:

@@ -4,7 +4,9 @@ A spec string is a format name followed by colon-separated options, e.g. ``int4:
 ``int8:channel``, ``int3:g128:asym:mse``, ``int4:b64x64``, ``int8:tensor:scale=fp32``.
 Options: ``tensor`` | ``channel`` | ``g<N>`` (groups of N along the input dimension; a row's last group
 may be shorter) | ``b<R>x<C>`` (2-D blocks); ``sym`` | ``asym``; ``minmax`` | ``mse`` (scale search);
-``scale=fp16|bf16|fp32`` (how scales are stored).
+``scale=fp16|bf16|fp32|e4m3|e8m0`` (how scales are stored; ``e4m3`` adds a per-tensor FP32 global scale,
+``e8m0`` is a power of two: see scales.py). Named block formats need no options: ``nvfp4``, ``mxfp4``,
+``mxfp8`` imply their block size and scale dtype, and ``fp8_e4m3`` implies fp32 scales.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.registry import get_format
 
 GRANULARITIES = ("tensor", "channel", "group", "block")
-SCALE_DTYPES = ("fp16", "bf16", "fp32")
+SCALE_DTYPES = ("fp16", "bf16", "fp32", "e4m3", "e8m0")
 SCALE_SEARCHES = ("minmax", "mse")
 
 
@@ -46,6 +48,36 @@ class QuantSpec:
             raise LowbitError(f"unknown scale search {self.scale_search!r}; use one of {', '.join(SCALE_SEARCHES)}")
         if not self.symmetric and not fmt.supports_asymmetric:
             raise LowbitError(f"format {self.format} has no asymmetric (zero-point) form; drop 'asym'")
+        if not self.symmetric and self.scale_dtype in ("e4m3", "e8m0"):
+            raise LowbitError(f"scale={self.scale_dtype} is for symmetric specs only; drop 'asym' or use scale=fp16")
+        self._check_format_rules(fmt)
+
+    def _check_format_rules(self, fmt: object) -> None:
+        fixed = getattr(fmt, "fixed_fields", {})
+        if any(getattr(self, key) != value for key, value in fixed.items()):
+            raise LowbitError(
+                f"{self.format} always uses groups of {fixed['group_size']} with {fixed['scale_dtype']} scales; "
+                f"write just '{self.format}', or use its element format with options (e.g. 'fp4_e2m1:g32')"
+            )
+        if getattr(fmt, "block_params", None) is not None:
+            if self.scale_search != "minmax":
+                raise LowbitError(f"format {self.format} chooses its own scales; drop '{self.scale_search}'")
+            if self.scale_dtype in ("e4m3", "e8m0"):
+                raise LowbitError(f"format {self.format} needs fp16, bf16 or fp32 scales, not {self.scale_dtype}")
+
+    @property
+    def codes_signed(self) -> bool:
+        """Whether stored codes are signed integers (packed with an offset of 2^(bits-1))."""
+        return self.symmetric and get_format(self.format).codes_signed
+
+    def check_shape(self, rows: int, cols: int, name: str = "tensor") -> None:
+        """Refuse shapes a block format cannot hold (NVFP4/MX rows must be whole blocks) with a one-line error."""
+        fmt = get_format(self.format)
+        if getattr(fmt, "exact_blocks", False) and cols % self.group_size:
+            raise LowbitError(
+                f"{name}: {self.format} needs rows of a multiple of {self.group_size} values, got {cols}; "
+                f"keep it in float (--ignore) or use e.g. 'fp4_e2m1:g{self.group_size}'"
+            )
 
     @property
     def bits(self) -> int:
@@ -67,6 +99,8 @@ class QuantSpec:
         return replace(self, **changes)
 
     def __str__(self) -> str:
+        if getattr(get_format(self.format), "fixed_fields", None):
+            return self.format if self.scale_search == "minmax" else f"{self.format}:{self.scale_search}"
         parts = [self.format]
         if self.granularity == "group":
             parts.append(f"g{self.group_size}")
@@ -78,7 +112,7 @@ class QuantSpec:
             parts.append("asym")
         if self.scale_search != "minmax":
             parts.append(self.scale_search)
-        if self.scale_dtype != "fp16":
+        if self.scale_dtype != getattr(get_format(self.format), "spec_defaults", {}).get("scale_dtype", "fp16"):
             parts.append(f"scale={self.scale_dtype}")
         return ":".join(parts)
 
@@ -92,7 +126,7 @@ def parse_spec(text: str) -> QuantSpec:
     tokens = [t.strip().lower() for t in text.split(":") if t.strip()]
     if not tokens:
         raise LowbitError("empty quantization spec; write e.g. 'int4:g128:asym'")
-    fields: dict[str, object] = {"format": tokens[0]}
+    fields: dict[str, object] = {"format": tokens[0], **getattr(get_format(tokens[0]), "spec_defaults", {})}
     for token in tokens[1:]:
         fields.update(_parse_option(token, text))
     return QuantSpec(**fields)  # type: ignore[arg-type]
@@ -113,5 +147,5 @@ def _parse_option(token: str, text: str) -> dict[str, object]:
         return {"granularity": "block", "block_shape": (int(m.group(1)), int(m.group(2)))}
     raise LowbitError(
         f"unknown option {token!r} in spec {text!r}; options are tensor, channel, g<N>, b<R>x<C>, "
-        "sym, asym, minmax, mse, scale=fp16|bf16|fp32"
+        "sym, asym, minmax, mse, scale=fp16|bf16|fp32|e4m3|e8m0"
     )

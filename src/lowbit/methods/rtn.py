@@ -11,7 +11,7 @@ from lowbit.formats.scale_search import search_params
 from lowbit.formats.spec import QuantSpec
 
 
-def rtn(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, name: str = "tensor") -> QTensor:
+def rtn(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, name: str = "tensor", **_: object) -> QTensor:
     """Quantize ``w`` by rounding to the nearest grid point; ``importance`` (per input column) weights the scale search."""
     check_finite(w, name)
     w2d = blocks.as_matrix(w.detach().to(torch.float32))

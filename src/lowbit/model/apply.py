@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from lowbit.formats.qtensor import QTensor
 from lowbit.formats.quantize import check_finite, dequantize
 from lowbit.formats.spec import QuantSpec
-from lowbit.methods import get_method
+from lowbit.errors import LowbitError
+from lowbit.methods import get_method, needs_calibration
+from lowbit.model.act_quant import attach_input_quantizer
 from lowbit.recipe import Recipe
 
 FLOAT_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -32,6 +34,7 @@ class QuantizedModel:
     qtensors: dict[str, QTensor] = field(default_factory=dict)
     float_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    peak_rss_mb: float | None = None
 
 
 def plan(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module, QuantSpec]]:
@@ -51,23 +54,39 @@ def quantize_model(model: nn.Module, recipe: Recipe, progress: bool = True) -> Q
     start = time.perf_counter()
     for pname, param in model.named_parameters():
         check_finite(param.data, pname)
+    if needs_calibration(recipe.method):
+        raise LowbitError(f"method {recipe.method} needs calibration data; run it through the calibrated pipeline")
     method = get_method(recipe.method)
     result = QuantizedModel(model=model, recipe=recipe)
-    done: set[int] = set()
     with torch.no_grad():
         for name, module, spec in tqdm(plan(model, recipe), desc=f"{recipe.method} {recipe.scheme}", disable=not progress):
             pname = f"{name}.weight" if name else "weight"
             qt = method(module.weight, spec, name=pname)
             module.weight.data.copy_(dequantize(qt).to(module.weight.dtype))
             result.qtensors[pname] = qt
-            done.add(id(module.weight))
-        float_dtype = FLOAT_TORCH_DTYPES[recipe.float_dtype]
-        for pname, param in model.named_parameters():
-            if id(param) in done or not param.is_floating_point():
+            input_spec = recipe.input_spec_for(name, module)
+            if input_spec is not None:
+                if not input_spec.dynamic:
+                    raise LowbitError(f"{name}: static activation scales ({input_spec}) need calibration data")
+                attach_input_quantizer(module, input_spec)
+    cast_float_tensors(model, result)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def cast_float_tensors(model: nn.Module, result: QuantizedModel, root: nn.Module | None = None, prefix: str = "") -> None:
+    """Round every parameter that was not quantized to the recipe's float dtype, in the model and the result.
+
+    ``root``/``prefix`` restrict this to one submodule (a streamed block about to be released); parameters
+    on the meta device (released blocks) and ones already stored are skipped.
+    """
+    float_dtype = FLOAT_TORCH_DTYPES[result.recipe.float_dtype]
+    quantized = {id(model.get_parameter(name)) for name in result.qtensors}
+    with torch.no_grad():
+        for pname, param in (root or model).named_parameters():
+            name = prefix + pname
+            if id(param) in quantized or not param.is_floating_point() or param.is_meta or name in result.float_tensors:
                 continue
             stored = param.data.to(float_dtype)
             param.data.copy_(stored.to(param.dtype))
-            result.float_tensors[pname] = stored
-            done.add(id(param))
-    result.seconds = time.perf_counter() - start
-    return result
+            result.float_tensors[name] = stored

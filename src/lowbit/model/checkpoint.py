@@ -2,7 +2,11 @@
 
 For a quantized parameter ``P`` the file holds ``P.qcodes`` (uint8, codes packed densely at the spec's bit
 width, row-major), ``P.scales`` (the spec's scale dtype) and, when asymmetric, ``P.qzeros`` (packed like
-the codes). The header metadata ``lowbit`` (JSON) records the format version and each quantized
+the codes; fp16 and unpacked for HQQ's float zero points) and, for ``scale=e4m3`` specs (NVFP4),
+``P.global_scale`` (fp32, shape (1,)). A linear ``M`` whose input is quantized has its activation spec in
+the metadata entry of ``M.weight`` (key ``input``) and, when static, its scale in ``M.input_scale``. Codes of float
+and table formats are unsigned bit patterns; signed integer codes are packed with an offset of 2^(b-1).
+The header metadata ``lowbit`` (JSON) records the format version and each quantized
 parameter's spec and shape. Float parameters are stored under their own names. Next to it: config.json,
 the tokenizer files, recipe.yaml, lowbit.json (what the checkpoint was made from) and report.json.
 """
@@ -20,10 +24,12 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.formats.activation import ActivationSpec, parse_activation_spec
 from lowbit.formats.packing import pack_codes, unpack_codes
 from lowbit.formats.qtensor import QTensor
 from lowbit.formats.quantize import dequantize
 from lowbit.formats.spec import parse_spec
+from lowbit.model.act_quant import attach_input_quantizer, input_quantizers
 from lowbit.model.apply import QuantizedModel
 from lowbit.model.load import CAUSAL_LM, validate_safetensors
 
@@ -37,12 +43,19 @@ def write_checkpoint(qm: QuantizedModel, out_dir: Path, config: Any, tokenizer: 
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for name, qt in qm.qtensors.items():
-        signed = qt.zeros is None
-        tensors[f"{name}.qcodes"] = pack_codes(qt.codes, qt.spec.bits, signed=signed)
+        tensors[f"{name}.qcodes"] = pack_codes(qt.codes, qt.spec.bits, signed=qt.spec.codes_signed)
         tensors[f"{name}.scales"] = qt.scales.contiguous()
-        if qt.zeros is not None:
+        if qt.zeros is not None and qt.zeros.is_floating_point():  # HQQ's float zero points
+            tensors[f"{name}.qzeros"] = qt.zeros.contiguous()
+        elif qt.zeros is not None:
             tensors[f"{name}.qzeros"] = pack_codes(qt.zeros, qt.spec.bits, signed=False)
+        if qt.global_scale is not None:
+            tensors[f"{name}.global_scale"] = qt.global_scale.to(torch.float32).reshape(1).contiguous()
         entries[name] = {"spec": str(qt.spec), "shape": list(qt.shape), "matrix_shape": list(qt.codes.shape)}
+    for module_name, quantizer in input_quantizers(qm.model).items():
+        entries[f"{module_name}.weight"]["input"] = str(quantizer.spec)
+        if quantizer.scale is not None:
+            tensors[f"{module_name}.input_scale"] = quantizer.scale.reshape(1).float().contiguous()
     for name, t in qm.float_tensors.items():
         tensors[name] = t.contiguous()
     meta = {"format_version": FORMAT_VERSION, "lowbit_version": __version__, "quantized": entries}
@@ -77,14 +90,18 @@ def read_qtensors(path: Path) -> tuple[dict[str, QTensor], dict[str, torch.Tenso
         for name, entry in entries.items():
             spec = parse_spec(entry["spec"])
             rows, cols = entry["matrix_shape"]
-            codes = unpack_codes(f.get_tensor(f"{name}.qcodes"), spec.bits, signed=spec.symmetric, count=rows * cols)
+            codes = unpack_codes(f.get_tensor(f"{name}.qcodes"), spec.bits, signed=spec.codes_signed, count=rows * cols)
             scales = f.get_tensor(f"{name}.scales")
             zeros = None
             if not spec.symmetric:
-                zeros = unpack_codes(f.get_tensor(f"{name}.qzeros"), spec.bits, signed=False, count=scales.numel())
-                zeros = zeros.reshape(scales.shape)
-            qtensors[name] = QTensor(codes.reshape(rows, cols), scales, zeros, spec, tuple(entry["shape"]))
-        owned = {f"{n}.{part}" for n in entries for part in ("qcodes", "scales", "qzeros")}
+                zeros = f.get_tensor(f"{name}.qzeros")
+                if not zeros.is_floating_point():
+                    zeros = unpack_codes(zeros, spec.bits, signed=False, count=scales.numel()).reshape(scales.shape)
+            gkey = f"{name}.global_scale"
+            global_scale = f.get_tensor(gkey) if gkey in keys else None
+            qtensors[name] = QTensor(codes.reshape(rows, cols), scales, zeros, spec, tuple(entry["shape"]), global_scale)
+        owned = {f"{n}.{part}" for n in entries for part in ("qcodes", "scales", "qzeros", "global_scale")}
+        owned |= {f"{n.removesuffix('.weight')}.input_scale" for n in entries}
         for key in sorted(keys - owned):
             floats[key] = f.get_tensor(key)
     return qtensors, floats
@@ -114,9 +131,25 @@ def load_checkpoint(out_dir: str | Path) -> tuple[nn.Module, Any, dict]:
     missing = _not_tied(model, missing, set(state))
     if unexpected or missing:
         raise LowbitError(f"{out_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for module_name, (spec, scale) in read_input_quantizers(out_dir / WEIGHTS_FILE).items():
+        attach_input_quantizer(model.get_submodule(module_name), spec, scale)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
     return model, tokenizer, manifest
+
+
+def read_input_quantizers(path: Path) -> dict[str, tuple[ActivationSpec, torch.Tensor | None]]:
+    """Activation spec and static scale (or None) of every linear whose input is quantized."""
+    _, meta = read_header(path)
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for name, entry in meta.get("quantized", {}).items():
+            if "input" in entry:
+                module = name.removesuffix(".weight")
+                key = f"{module}.input_scale"
+                out[module] = (parse_activation_spec(entry["input"]), f.get_tensor(key)[0] if key in keys else None)
+    return out
 
 
 def _not_tied(model: nn.Module, missing: list[str], loaded: set[str]) -> list[str]:

@@ -1,0 +1,27 @@
+"""Time GPTQModel's GPTQ on the folder `bench/gptq_speed.py prepare` wrote (run with GPTQModel's own venv).
+
+    GPTQMODEL_CPU_WORKERS=2 python bench/gptqmodel_run.py /tmp/gptq-speed
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from gptqmodel import GPTQModel, QuantizeConfig
+
+d = Path(sys.argv[1])
+ids = load_file(str(d / "calibration.safetensors"))["input_ids"]
+calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
+model = GPTQModel.load(str(d / "model"), QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False),
+                       device="cpu")
+t0 = time.perf_counter()
+model.quantize(calibration, batch_size=1)
+seconds = time.perf_counter() - t0
+result = {"tool": "GPTQModel " + __import__("gptqmodel").__version__, "seconds": seconds,
+          "samples": int(ids.shape[0]), "length": int(ids.shape[1])}
+(d / "gptqmodel.json").write_text(json.dumps(result, indent=2))
+print(result)

@@ -1,0 +1,73 @@
+"""``lowbit export gguf``: write a GGUF file llama.cpp loads (types, named mixes, imatrix, error feedback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from lowbit.export.gguf import METHODS, GGUFExportOptions
+from lowbit.gguf.mixes import MIXES
+
+EXAMPLES = """examples:
+  lowbit export gguf --type Q4_K_M                       # the built-in SmolLM2, imatrix + error feedback
+  lowbit export gguf path/to/hf_folder --type Q8_0 --method rtn --out model-q8.gguf
+  lowbit export gguf --type Q3_K_M --imatrix smollm2.imatrix   # writes the imatrix, or reads it if it exists
+  lowbit export gguf --type Q4_0 --eval                  # also measure it in llama.cpp against the float model
+"""
+
+
+def add_export_parser(sub: Any) -> None:
+    """Register ``export`` (with its ``gguf`` target) on the CLI's subparsers."""
+    e = sub.add_parser("export", help="write a model in another engine's format (gguf)")
+    targets = e.add_subparsers(dest="target", required=True)
+    g = targets.add_parser("gguf", help="write a GGUF v3 file for llama.cpp", epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("model", nargs="?", help="HF folder, .gguf file, or built-in 'smollm2' (default)")
+    g.add_argument("--type", default="Q4_K_M", help=f"{', '.join(MIXES)} (default Q4_K_M)")
+    g.add_argument("--method", default="gptq", choices=METHODS,
+                   help="rtn: llama.cpp's reference rounding; imatrix: importance-weighted scale search; "
+                        "gptq: that plus error feedback (default)")
+    g.add_argument("--imatrix", metavar="FILE", help="llama.cpp imatrix.dat: read if it exists, else written")
+    g.add_argument("--calib-text", help="calibration text file (default: pydoc topics after the eval windows)")
+    g.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens (default 32)")
+    g.add_argument("--out", help="output file (default out/<model>-<type>-<method>.gguf)")
+    g.add_argument("--force", action="store_true", help="replace an existing output file")
+    g.add_argument("--eval", action="store_true", help="evaluate the file in llama.cpp against the float model")
+    g.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens (default 8)")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g.set_defaults(handler=cmd_export_gguf)
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from lowbit.export.gguf import export_gguf
+    from lowbit.model.load import load_model
+
+    opts = GGUFExportOptions(model=args.model, type=args.type, out=args.out, method=args.method,
+                             imatrix=args.imatrix, calib_text=args.calib_text, calib_samples=args.calib_samples,
+                             eval_tokens=args.windows * 512, force=args.force)
+    loaded = load_model(args.model)
+    summary = export_gguf(opts, progress=not args.json, loaded=loaded)
+    if args.eval:
+        summary["eval"] = _evaluate(summary["path"], loaded, args.windows)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    types = ", ".join(f"{k} x{v}" for k, v in sorted(summary["tensor_types"].items()))
+    print(f"wrote {summary['path']} ({summary['bytes'] / 1e6:.2f} MB, {summary['type']}, {summary['method']}): {types}")
+    if summary["fallbacks"]:
+        print(f"  {len(summary['fallbacks'])} tensors fell back (row length): "
+              + ", ".join(sorted(set(summary["fallbacks"].values()))))
+    if "eval" in summary:
+        m = summary["eval"]
+        print(f"  llama.cpp: PPL {m['ppl']:.3f} (float {m['ppl_base']:.3f}), KLD {m['kld']:.4f}, top-1 {m['top1']:.4f}")
+
+
+def _evaluate(path: str, loaded: Any, n_windows: int) -> dict[str, float]:
+    from lowbit.data.text import eval_windows, load_text, tokenize
+    from lowbit.eval.llamacpp import compare_logprobs, gguf_logprobs
+    from lowbit.eval.lm import lm_reference
+
+    windows = eval_windows(tokenize(loaded.tokenizer, load_text(None)), n_windows, 512).ids
+    ref = lm_reference(loaded.model, windows, progress=False)
+    return compare_logprobs(ref.logprobs, gguf_logprobs(path, windows), windows)

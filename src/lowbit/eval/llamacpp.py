@@ -1,0 +1,51 @@
+"""Evaluate a GGUF file in llama.cpp itself (through llama-cpp-python): next-token log-probabilities on the
+same token windows lowbit evaluates, and PPL / KL divergence / top-1 agreement against a reference."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.errors import LowbitError
+
+
+def gguf_logprobs(path: str | Path, windows: torch.Tensor, threads: int | None = None) -> list[torch.Tensor]:
+    """Per window (length L), llama.cpp's log-probabilities [L-1, vocab] of the next token at each position."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LowbitError("evaluating in llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from None
+    length = int(windows.shape[1])
+    try:
+        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=length, n_batch=length,
+                              n_threads=threads or min(2, os.cpu_count() or 1), verbose=False)
+    except ValueError as exc:
+        raise LowbitError(f"llama.cpp cannot load {path}: {exc}") from None
+    out = []
+    try:
+        for ids in windows:
+            llm.reset()
+            llm.eval(ids.tolist())
+            logits = torch.from_numpy(np.array(llm.scores[: length - 1], dtype=np.float32))
+            out.append(torch.log_softmax(logits, dim=-1))
+    finally:
+        llm.close()
+    return out
+
+
+def compare_logprobs(ref: list[torch.Tensor], test: list[torch.Tensor], windows: torch.Tensor) -> dict[str, float]:
+    """PPL of both, mean KL(ref || test) per predicted token, top-1 agreement."""
+    nll_ref = nll = kld = agree = 0.0
+    n = 0
+    for base, lp, ids in zip(ref, test, windows):
+        target = ids[1:, None]
+        nll_ref += float(-base.gather(1, target).sum())
+        nll += float(-lp.gather(1, target).sum())
+        kld += float((base.exp() * (base - lp)).sum())
+        agree += float((base.argmax(-1) == lp.argmax(-1)).sum())
+        n += base.shape[0]
+    return {"ppl_base": math.exp(nll_ref / n), "ppl": math.exp(nll / n), "kld": kld / n, "top1": agree / n}

@@ -1,0 +1,138 @@
+"""GPTQ: round one input column at a time and push each column's error onto the columns not yet rounded.
+
+The error feedback uses the upper Cholesky factor of H^-1 (H = 2/n X^T X from calibration inputs), with
+lazy batch updates (columns are processed in blocks; the rest of the matrix is updated once per block).
+Group scales are computed when the first column of a group is reached, from the already-updated weights
+(the original algorithm), or up front from the original weights (``static_groups``; always so for tensor,
+channel and 2-D block granularity). ``act_order`` visits columns by descending diag(H); groups stay the
+contiguous groups of the original column order (static), so no group index is needed to read the result.
+Any registered number format works: columns are rounded with the format's own encode/decode; formats
+with two-level or power-of-two scales (NVFP4, MX) and their own scale rules use static parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats import blocks
+from lowbit.formats.qtensor import QTensor
+from lowbit.formats.quantize import check_finite, global_scale_of
+from lowbit.formats.scales import scale_values
+from lowbit.formats.registry import get_format
+from lowbit.formats.scale_search import search_params
+from lowbit.formats.spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ's knobs: dampening (fraction of mean diag(H)), lazy-update block, column order, group timing."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+
+def gptq(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    hessian: torch.Tensor | None = None,
+    options: GPTQOptions = GPTQOptions(),
+    name: str = "tensor",
+    dtype: torch.dtype = torch.float32,
+    **_: object,
+) -> QTensor:
+    """Quantize ``w`` (out x in) with GPTQ error feedback under the input Hessian ``hessian`` (in x in)."""
+    if hessian is None:
+        raise LowbitError(f"{name}: GPTQ needs calibration data (an input Hessian); use --method rtn without it")
+    check_finite(w, name)
+    W = blocks.as_matrix(w.detach()).to(dtype).clone()
+    rows, cols = W.shape
+    H = hessian.to(dtype).clone()
+    if H.shape != (cols, cols):
+        raise LowbitError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    fmt = get_format(spec.format)
+    two_level = spec.scale_dtype not in ("fp16", "bf16", "fp32") or getattr(fmt, "fixed_fields", None)
+    dynamic = spec.granularity == "group" and not (options.static_groups or options.act_order or two_level)
+    static = None if dynamic else search_params(W.float(), spec)
+    gs = global_scale_of(W.float(), spec)
+    perm = torch.argsort(H.diagonal(), descending=True) if options.act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    codes = torch.zeros(rows, cols, dtype=torch.int16)
+    group_params: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    col_scale = col_zero = None
+    if static is not None:
+        block = spec.block_size(rows, cols)
+        col_scale = blocks.expand(scale_values(static[0], gs), (rows, cols), block)[:, perm].to(dtype)
+        col_zero = None if static[1] is None else blocks.expand(static[1].float(), (rows, cols), block)[:, perm].to(dtype)
+    with _one_thread():
+        Hinv = _inverse_cholesky(H, options.damp, name)
+        _column_loop(W, Hinv, codes, group_params, col_scale, col_zero, dynamic, spec, options, dtype)
+    codes = codes[:, torch.argsort(perm)]
+    if dynamic:
+        scales = torch.cat([p[0] for p in group_params], dim=1)
+        zeros = None if group_params[0][1] is None else torch.cat([p[1] for p in group_params], dim=1)
+    else:
+        scales, zeros = static
+    return QTensor(codes=codes, scales=scales, zeros=zeros, spec=spec, shape=tuple(w.shape), global_scale=gs)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run GPTQ on one thread: its many tiny ops are 10-100x slower with OpenMP fan-out on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _column_loop(W, Hinv, codes, group_params, col_scale, col_zero, dynamic, spec, options, dtype) -> None:
+    """Round columns in order, feeding each column's scaled error to the later ones (lazy block updates)."""
+    fmt = get_format(spec.format)
+    cols = W.shape[1]
+    for i1 in range(0, cols, options.block_size):
+        i2 = min(i1 + options.block_size, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if dynamic:
+                if col % spec.group_size == 0:
+                    g = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : spec.group_size]
+                    group_params.append(search_params(g.float(), spec.with_options(granularity="channel")))
+                s = group_params[-1][0].to(dtype)[:, 0]
+                z = None if group_params[-1][1] is None else group_params[-1][1].to(dtype)[:, 0]
+            else:
+                s = col_scale[:, col]
+                z = None if col_zero is None else col_zero[:, col]
+            q = fmt.encode(W1[:, i] / s, z)
+            values = fmt.decode(q).to(dtype)
+            deq = (values - z) * s if z is not None else values * s
+            codes[:, col] = q
+            err = (W1[:, i] - deq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping if H is not definite."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    mean_diag = H.diagonal().mean()
+    for attempt in range(6):
+        try:
+            L = torch.linalg.cholesky(H + eye * (damp * 10**attempt) * mean_diag)
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        except torch._C._LinAlgError:  # type: ignore[attr-defined]
+            continue
+    raise LowbitError(f"{name}: the input Hessian is not positive definite even with strong dampening")

@@ -1,0 +1,1 @@
+"""Activation statistics gathered during calibration (pure tensor math on activations)."""

@@ -1,0 +1,79 @@
+"""Statistics of a linear layer's inputs, accumulated batch by batch in one pass.
+
+One accumulator serves every consumer: GPTQ needs the Hessian H = 2/n * sum x x^T, AWQ the mean |x| per
+input channel, SmoothQuant the max |x| per channel, k-quants the importance (mean x^2 per channel,
+llama.cpp's imatrix, which is diag(H) / 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class InputStats:
+    """Running sums over every input row (token) a linear layer saw."""
+
+    features: int
+    want_hessian: bool = True
+    sample_rows: int = 0
+    product_dtype: torch.dtype = torch.float32
+    count: int = 0
+    abs_sum: torch.Tensor = field(init=False)
+    abs_max: torch.Tensor = field(init=False)
+    xtx: torch.Tensor | None = field(init=False)
+    rows: list = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.abs_sum = torch.zeros(self.features, dtype=torch.float64)
+        self.abs_max = torch.zeros(self.features)
+        self.xtx = torch.zeros(self.features, self.features) if self.want_hessian else None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs of shape (..., features)."""
+        x = x.detach().reshape(-1, self.features).float().cpu()
+        self.count += x.shape[0]
+        a = x.abs()
+        self.abs_sum += a.sum(0, dtype=torch.float64)
+        self.abs_max = torch.maximum(self.abs_max, a.amax(0))
+        if self.xtx is not None and self.product_dtype == torch.float32:
+            self.xtx.addmm_(x.T, x)
+        elif self.xtx is not None:  # faster products, each batch's sum still added up in fp32
+            xl = x.to(self.product_dtype)
+            self.xtx += (xl.T @ xl).float()
+        if self.sample_rows:
+            g = torch.Generator().manual_seed(self.count)
+            self.rows.append(x[torch.randperm(x.shape[0], generator=g)[: self.sample_rows]].clone())
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2/n * X^T X (GPTQ's normalization), float32."""
+        assert self.xtx is not None, "Hessian was not collected"
+        return self.xtx * (2.0 / max(self.count, 1))
+
+    def mean_abs(self) -> torch.Tensor:
+        """Mean |x| per input channel."""
+        return (self.abs_sum / max(self.count, 1)).float()
+
+    def abs_sample(self):
+        """The exact max |x| and the sampled rows' |x| values, for static activation range observers."""
+        from lowbit.observers.ranges import AbsSample
+
+        values = torch.cat(self.rows).abs().reshape(-1) if self.rows else torch.zeros(1)
+        return AbsSample(amax=float(self.abs_max.max()), chunks=[values])
+
+    def importance(self) -> torch.Tensor:
+        """Mean x^2 per input channel (llama.cpp's importance matrix)."""
+        assert self.xtx is not None, "Hessian was not collected"
+        return self.xtx.diagonal() / max(self.count, 1)
+
+
+def rescale_inputs(stats: InputStats, scales: torch.Tensor) -> None:
+    """Update the statistics in place for inputs divided by ``scales`` per channel (after an AWQ/SmoothQuant fold)."""
+    s = scales.float()
+    stats.abs_sum /= s.double()
+    stats.abs_max /= s
+    if stats.xtx is not None:
+        stats.xtx /= s[:, None] * s[None, :]
+    stats.rows = [r / s for r in stats.rows]

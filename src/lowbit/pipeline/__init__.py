@@ -1,0 +1,1 @@
+"""The block-by-block calibration pipeline: observe, transform, quantize, propagate — one block at a time."""

@@ -1,0 +1,52 @@
+"""One float pass through a block with hooks that accumulate every target linear's input statistics.
+
+Linears that read the very same input tensor (q/k/v after the same norm, gate/up) share one accumulator,
+so each distinct Hessian is computed once. Hooks are removed even when the pass fails.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.observers.input_stats import InputStats
+from lowbit.pipeline.layers import BlockInput, run_block
+
+
+def observe_block(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[BlockInput],
+                  want_hessian: bool = True, sample_rows: int = 0,
+                  hessian_dtype: torch.dtype = torch.float32) -> tuple[dict[str, InputStats], list[BlockInput]]:
+    """Input statistics per target name, and the block's float outputs.
+
+    ``sample_rows`` > 0 keeps that many random input rows per batch (for static activation ranges).
+    """
+    stats: dict[str, InputStats] = {}
+    by_input: dict[int, InputStats] = {}
+    alive: list = []  # inputs of this batch, kept alive so that id() identifies the same tensor object
+    seen_in_batch: set[int] = set()
+
+    def make_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            alive.append(x)
+            if name not in stats:
+                stats[name] = by_input.setdefault(id(x), InputStats(x.shape[-1], want_hessian, sample_rows, hessian_dtype))
+            acc = stats[name]
+            if id(acc) not in seen_in_batch:  # a shared accumulator takes each batch once
+                seen_in_batch.add(id(acc))
+                acc.update(x)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in targets.items()]
+    try:
+        outputs = []
+        for batch in inputs:
+            seen_in_batch.clear()
+            outputs.extend(run_block(block, [batch]))
+            alive.clear()
+            by_input.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, outputs

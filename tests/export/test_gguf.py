@@ -1,0 +1,172 @@
+"""GGUF export end to end on tiny Llamas: llama.cpp (llama-cpp-python) loads every file, generates, and its
+perplexity matches lowbit's own evaluation of the same weights; bad inputs fail cleanly with no file left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lowbit.cli import main
+from lowbit.data.text import default_text, eval_windows, load_text, tokenize
+from lowbit.errors import LowbitError
+from lowbit.eval.llamacpp import compare_logprobs, gguf_logprobs
+from lowbit.eval.lm import lm_reference
+from lowbit.export.gguf import GGUFExportOptions, export_gguf
+from lowbit.gguf.arch import llama_permute
+from lowbit.model.load import load_model
+from tests.conftest import make_tokenizer
+
+CALIB = dict(calib_samples=2, calib_length=128, eval_tokens=256)
+
+
+def _save_llama(path: Path, hidden: int, ff: int, seed: int = 0, tied: bool = False) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=2,
+                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
+                         max_position_embeddings=512, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger weights than the 0.02 init, so quantization changes the outputs visibly
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    model.save_pretrained(str(path), safe_serialization=True)
+    make_tokenizer(default_text()).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama256(tmp_path_factory) -> Path:
+    """A tiny Llama whose rows (256, 512) fit every super-block, untied output."""
+    return _save_llama(tmp_path_factory.mktemp("llama256"), 256, 512)
+
+
+@pytest.fixture(scope="module")
+def windows(llama256) -> torch.Tensor:
+    tok = load_model(str(llama256)).tokenizer
+    return eval_windows(tokenize(tok, load_text(None)), 2, 128).ids
+
+
+def _llama_vs_lowbit(path: Path, windows: torch.Tensor) -> tuple[float, float]:
+    """(PPL in llama.cpp, PPL of the same weights read back through transformers and evaluated by lowbit)."""
+    ours = lm_reference(load_model(str(path)).model, windows, progress=False).ppl
+    lp = gguf_logprobs(path, windows)
+    return compare_logprobs(lp, lp, windows)["ppl"], ours
+
+
+def _generate(path: Path) -> str:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        return llm("The", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("type_name,method", [("F32", "rtn"), ("Q8_0", "rtn"), ("Q4_0", "imatrix"),
+                                              ("Q4_K_M", "gptq"), ("Q3_K_S", "gptq"), ("Q2_K", "rtn"),
+                                              ("Q6_K", "imatrix"), ("Q5_K_M", "rtn"), ("TQ2_0", "rtn"),
+                                              ("TQ1_0", "imatrix"), ("MXFP4", "rtn"), ("BF16", "rtn")])
+def test_llamacpp_loads_generates_and_agrees(tmp_path, llama256, windows, type_name, method):
+    out = tmp_path / f"{type_name}.gguf"
+    summary = export_gguf(GGUFExportOptions(model=str(llama256), type=type_name, out=str(out), method=method,
+                                            **CALIB), progress=False)
+    assert summary["bytes"] == out.stat().st_size and not summary["fallbacks"]
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[
+        {"F32": "ALL_F32", "MXFP4": "MOSTLY_MXFP4_MOE", "F16": "MOSTLY_F16"}.get(type_name, f"MOSTLY_{type_name}")]
+    assert isinstance(_generate(out), str)
+    ppl_llama, ppl_lowbit = _llama_vs_lowbit(out, windows)
+    assert ppl_llama == pytest.approx(ppl_lowbit, rel=0.01)
+
+
+def test_q_k_rows_are_permuted_for_llamacpp(tmp_path, llama256):
+    out = tmp_path / "f32.gguf"
+    export_gguf(GGUFExportOptions(model=str(llama256), type="F32", out=str(out), method="rtn"), progress=False)
+    model = load_model(str(llama256)).model
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    k = model.model.layers[0].self_attn.k_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(tensors["blk.0.attn_q.weight"], llama_permute(q, 4))
+    np.testing.assert_array_equal(tensors["blk.0.attn_k.weight"], llama_permute(k, 2))
+    assert "output.weight" in tensors and "tokenizer.ggml.merges" in gguf.GGUFReader(str(out)).fields
+
+
+def test_error_feedback_beats_rtn_in_llamacpp(tmp_path, llama256, windows):
+    ref_path = tmp_path / "f32.gguf"
+    export_gguf(GGUFExportOptions(model=str(llama256), type="F32", out=str(ref_path), method="rtn"), progress=False)
+    ref = gguf_logprobs(ref_path, windows)
+    kld = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / f"q3-{method}.gguf"
+        export_gguf(GGUFExportOptions(model=str(llama256), type="Q3_K_S", out=str(out), method=method,
+                                      calib_samples=8, calib_length=256, eval_tokens=256), progress=False)
+        kld[method] = compare_logprobs(ref, gguf_logprobs(out, windows), windows)["kld"]
+    assert kld["gptq"] < kld["rtn"]
+
+
+def test_fallback_is_recorded(tmp_path, tiny_llama_dir):
+    """Rows of 96 fit no super-block: Q4_K falls back to Q5_0, Q6_K to Q8_0, and the file says which."""
+    out = tmp_path / "q4km.gguf"
+    summary = export_gguf(GGUFExportOptions(model=str(tiny_llama_dir), type="Q4_K_M", out=str(out), method="rtn"),
+                          progress=False)
+    assert summary["fallbacks"]["blk.1.attn_q.weight"] == "Q4_K->Q5_0"
+    reader = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.1.attn_q.weight"] == "Q5_0" and types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["token_embd.weight"] == "Q8_0"  # tied output whose rows fit no k-quant: llama.cpp's Q8_0 rule
+    assert "blk.1.attn_q.weight:Q4_K->Q5_0" in reader.fields["lowbit.fallbacks"].contents()
+    assert isinstance(_generate(out), str)
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, tiny_llama_dir, llama256, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path / "bad.gguf"
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=512)).save_pretrained(str(gpt2))
+    make_tokenizer(default_text()).save_pretrained(str(gpt2))
+    narrow = _save_llama(tmp_path / "narrow", 64, 80)  # ffn_down rows of 80: no 32-value block fits
+    imatrix = tmp_path / "other.imatrix"
+    export_gguf(GGUFExportOptions(model=str(llama256), type="Q4_0", out=str(tmp_path / "ok.gguf"),
+                                  method="imatrix", imatrix=str(imatrix), **CALIB), progress=False)
+    assert imatrix.is_file()
+    cases = [([str(gpt2), "--type", "Q4_0"], "does not support architecture"),
+             ([str(narrow), "--type", "Q4_0", "--method", "rtn"], "no fallback"),
+             ([str(tiny_llama_dir), "--type", "Q4_0", "--method", "imatrix", "--imatrix", str(imatrix)],
+              "made for another model"),
+             ([str(tiny_llama_dir), "--type", "Q9_K"], "unknown GGUF type")]
+    for args, match in cases:
+        code = main(["export", "gguf", *args, "--out", str(out)])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("lowbit: error:")]
+        assert code == 2 and len(lines) == 1 and match in lines[0], err
+        _assert_nothing_written(out)
+
+
+def test_cli_export_and_inspect(tmp_path, llama256, capsys):
+    out = tmp_path / "cli.gguf"
+    code = main(["export", "gguf", str(llama256), "--type", "Q4_K_M", "--method", "imatrix", "--calib-samples", "2",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["path"] == str(out) and summary["tensor_types"]["Q4_K"] > 0
+    assert main(["export", "gguf", str(llama256), "--out", str(out)]) == 2  # exists, no --force
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata"]["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert {"Q4_K", "Q6_K", "F32"} <= set(info["by_type"])

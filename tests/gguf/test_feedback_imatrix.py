@@ -1,0 +1,68 @@
+"""Error feedback lowers the layer-output error on the same grid; imatrix files round-trip in llama.cpp's layout."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.gguf.blocks import get_block_type
+from lowbit.gguf.feedback import feedback_quantize
+from lowbit.gguf.imatrix import check_imatrix, read_imatrix, write_imatrix
+
+
+def _layer(seed=0, rows=64, cols=256, tokens=2048):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((cols, cols)).astype(np.float32) / np.sqrt(cols)
+    x = (rng.standard_normal((tokens, cols)) @ (np.eye(cols) + 2 * mix)).astype(np.float32)
+    x[:, :8] *= 6  # a few loud input channels, as in real activations
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    return w, x
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q3_K", "Q8_0"])
+def test_feedback_beats_rounding_on_output_error(name):
+    block = get_block_type(name)
+    w, x = _layer()
+    h = (x.T.astype(np.float64) @ x)
+    imp = np.diag(h) / x.shape[0]
+
+    def out_err(data):
+        return float(((x @ (block.dequantize(data) - w).T) ** 2).mean())
+
+    fb = feedback_quantize(w, h, block, imp)
+    assert fb.shape == block.quantize(w).shape
+    assert out_err(fb) < 0.8 * out_err(block.quantize(w))
+    assert out_err(fb) < out_err(block.quantize(w, imp))
+
+
+def test_imatrix_roundtrip_and_layout(tmp_path):
+    path = tmp_path / "m.imatrix"
+    values = {"blk.0.attn_q.weight": np.arange(1, 5, dtype=np.float32), "token_embd.weight": np.ones(3, np.float32)}
+    write_imatrix(path, values, n_chunks=4, dataset="pydoc")
+    blob = path.read_bytes()
+    assert struct.unpack_from("<i", blob, 0)[0] == 2
+    name_len = struct.unpack_from("<i", blob, 4)[0]
+    assert blob[8:8 + name_len] == b"blk.0.attn_q.weight"
+    ncall, nval = struct.unpack_from("<ii", blob, 8 + name_len)
+    assert (ncall, nval) == (4, 4)
+    assert struct.unpack_from("<f", blob, 16 + name_len)[0] == 4.0   # stored as mean * ncall
+    back = read_imatrix(path)
+    for k, v in values.items():
+        np.testing.assert_allclose(back[k], v)
+
+
+def test_imatrix_for_another_model_and_bad_files(tmp_path):
+    values = {"blk.0.attn_q.weight": np.ones(96, np.float32)}
+    with pytest.raises(LowbitError, match="another model"):
+        check_imatrix(values, {"blk.0.attn_q.weight": 256}, "x.imatrix")
+    with pytest.raises(LowbitError, match="another model"):
+        check_imatrix(values, {"blk.0.ffn_up.weight": 256}, "x.imatrix")
+    bad = tmp_path / "bad.imatrix"
+    bad.write_bytes(b"\x05\x00\x00\x00abc")
+    with pytest.raises(LowbitError, match="not a llama.cpp imatrix"):
+        read_imatrix(bad)
+    with pytest.raises(LowbitError, match="does not exist"):
+        read_imatrix(tmp_path / "missing.imatrix")

@@ -1,0 +1,57 @@
+"""Named mixes pick llama.cpp's types for a Llama-style model, fall back the way llama.cpp does, and refuse
+types without a fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.gguf.mixes import choose_type, get_mix
+
+SMOL = dict(n_layers=30, n_gqa=3, tied_embeddings=True)  # SmolLM2-135M: 576 wide, ffn 1536
+
+
+def _role(name, ne0, layer=None, n_dims=2, **over):
+    from lowbit.gguf.mixes import TensorRole
+
+    facts = {**SMOL, **over}
+    return TensorRole(name, ne0, n_dims, layer, facts["n_layers"], facts["n_gqa"], facts["tied_embeddings"])
+
+
+def test_q4_k_m_on_smollm2_shapes():
+    mix = get_mix("Q4_K_M")
+    assert choose_type(mix, _role("blk.0.ffn_down.weight", 1536, 0)).type == "Q6_K"       # use_more_bits
+    assert choose_type(mix, _role("blk.4.ffn_down.weight", 1536, 4)).type == "Q4_K"
+    assert choose_type(mix, _role("blk.5.ffn_down.weight", 1536, 5)).type == "Q6_K"       # (5-3) % 3 == 2
+    v0 = choose_type(mix, _role("blk.0.attn_v.weight", 576, 0))
+    assert (v0.wanted, v0.type, v0.fell_back) == ("Q6_K", "Q8_0", True)
+    q = choose_type(mix, _role("blk.7.attn_q.weight", 576, 7))
+    assert (q.wanted, q.type) == ("Q4_K", "Q5_0")
+    assert choose_type(mix, _role("token_embd.weight", 576)).type == "Q8_0"                 # tied output
+    assert choose_type(mix, _role("blk.0.attn_norm.weight", 576, 0, n_dims=1)).type == "F32"
+
+
+def test_k_mix_rules_on_256_wide_model():
+    role = dict(n_layers=16, n_gqa=2, tied_embeddings=False)
+    assert choose_type(get_mix("Q2_K"), _role("blk.3.attn_v.weight", 256, 3, **role)).type == "Q3_K"
+    assert choose_type(get_mix("Q2_K"), _role("blk.3.attn_output.weight", 256, 3, **role)).type == "Q3_K"
+    assert choose_type(get_mix("Q2_K"), _role("blk.3.ffn_up.weight", 256, 3, **role)).type == "Q2_K"
+    assert choose_type(get_mix("Q3_K_M"), _role("blk.0.attn_v.weight", 256, 0, **role)).type == "Q5_K"
+    assert choose_type(get_mix("Q3_K_M"), _role("blk.2.attn_v.weight", 256, 2, **role)).type == "Q4_K"
+    assert choose_type(get_mix("Q3_K_M"), _role("blk.0.ffn_down.weight", 512, 0, **role)).type == "Q5_K"
+    assert choose_type(get_mix("Q3_K_L"), _role("blk.9.ffn_down.weight", 512, 9, **role)).type == "Q5_K"
+    assert choose_type(get_mix("Q4_K_S"), _role("blk.1.attn_v.weight", 256, 1, **role)).type == "Q5_K"
+    assert choose_type(get_mix("Q5_K_S"), _role("blk.1.attn_v.weight", 256, 1, **role)).type == "Q5_K"
+    assert choose_type(get_mix("Q4_0"), _role("output.weight", 256, **role)).type == "Q6_K"
+    assert choose_type(get_mix("Q8_0"), _role("output.weight", 256, **role)).type == "Q8_0"
+    assert choose_type(get_mix("Q4_K_M"), _role("token_embd.weight", 256, **role)).type == "Q4_K"
+    assert choose_type(get_mix("F16"), _role("blk.0.ffn_up.weight", 256, 0, **role)).type == "F16"
+
+
+def test_fallback_to_f16_and_no_fallback_errors():
+    assert choose_type(get_mix("Q4_K_M"), _role("blk.2.ffn_up.weight", 48, 2)).type == "F16"
+    with pytest.raises(LowbitError, match="no fallback"):
+        choose_type(get_mix("Q4_0"), _role("blk.2.ffn_up.weight", 48, 2))
+    with pytest.raises(LowbitError, match="unknown GGUF type"):
+        get_mix("Q4_K_XL")
+    assert get_mix("q4_k").name == "Q4_K_M"

@@ -1,0 +1,34 @@
+"""Input statistics accumulate exactly what a single pass over all rows would give."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.observers.input_stats import InputStats, rescale_inputs
+
+
+def test_batches_accumulate_like_one_pass():
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 16) * torch.linspace(0.1, 3, 16)
+    stats = InputStats(16)
+    for batch in x:
+        stats.update(batch)
+    flat = x.reshape(-1, 16)
+    assert stats.count == 150
+    assert torch.allclose(stats.hessian(), 2 * flat.T @ flat / 150, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(stats.mean_abs(), flat.abs().mean(0), rtol=1e-5)
+    assert torch.equal(stats.abs_max, flat.abs().amax(0))
+    assert torch.allclose(stats.importance(), (flat**2).mean(0), rtol=1e-5)
+
+
+def test_rescale_matches_stats_of_scaled_inputs():
+    torch.manual_seed(1)
+    x = torch.randn(200, 8)
+    s = torch.rand(8) + 0.5
+    a, b = InputStats(8), InputStats(8)
+    a.update(x)
+    b.update(x / s)
+    rescale_inputs(a, s)
+    assert torch.allclose(a.hessian(), b.hessian(), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(a.mean_abs(), b.mean_abs(), rtol=1e-5)
+    assert torch.allclose(a.abs_max, b.abs_max, rtol=1e-6)
