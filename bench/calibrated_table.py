@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from results_file import write_section
+
 import psutil
 
 from lowbit.data.text import calibration_windows, default_text, eval_windows, tokenize
@@ -123,13 +125,7 @@ def _write(args, rows, ppl_base) -> None:
                      f"| {seconds:.0f} | {rss:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    path = Path(args.out)
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(title)
-    if start >= 0:
-        end = old.find("\n## ", start + 1)
-        old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    path.write_text(old.rstrip() + "\n\n" + text)
+    write_section(Path(args.out), title, text)
 
 
 if __name__ == "__main__":

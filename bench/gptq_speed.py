@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from results_file import write_section
+
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -64,12 +66,7 @@ def report(d: Path, out: Path) -> None:
         lines.append(f"| {r['tool']} | {r['samples']} x {r['length']} | {r['seconds']:.0f} | {ratio} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    old = out.read_text() if out.exists() else "# Benchmark results\n"
-    start = old.find(title)
-    if start >= 0:
-        end = old.find("\n## ", start + 1)
-        old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    out.write_text(old.rstrip() + "\n\n" + text)
+    write_section(out, title, text)
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_file import write_section
+
 from lowbit.data.text import default_text, eval_windows, tokenize
 from lowbit.eval.lm import compare_lm, lm_reference
 from lowbit.eval.size import quantized_bits_per_weight
@@ -78,12 +80,7 @@ def _write(args, rows, ppl_base) -> None:
                      f"| {m['top1']:.4f} | {tq:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    path = Path(args.out)
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    marker = lines[0]
-    if marker in old:
-        old = old[: old.index(marker)].rstrip() + "\n\n"
-    path.write_text(old + text)
+    write_section(Path(args.out), lines[0], text)
 
 
 if __name__ == "__main__":

@@ -53,12 +53,19 @@ def _inspect_gguf(path: Path) -> dict[str, Any]:
     reader = gguf.GGUFReader(str(path))
     rows = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
              "elements": int(t.n_elements), "bytes": int(t.n_bytes)} for t in reader.tensors]
-    meta = {}
-    for key in ("general.architecture", "general.name", "general.file_type", "general.quantization_version"):
-        field = reader.fields.get(key)
-        if field is not None:
-            meta[key] = field.contents()
+    meta = {key: _gguf_value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     return _summary("gguf", path, rows, {"metadata": meta, "metadata_keys": len(reader.fields)})
+
+
+def _gguf_value(field) -> Any:
+    """A metadata value short enough to print: arrays as their length, long strings cut."""
+    import gguf
+
+    if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
+        n = len(field.data)
+        return field.contents() if n <= 8 else f"[{n} items]"
+    value = field.contents()
+    return value[:77] + "..." if isinstance(value, str) and len(value) > 80 else value
 
 
 def _inspect_safetensors(path: Path, files: list[Path]) -> dict[str, Any]:

@@ -38,6 +38,8 @@ SCHEMES: dict[str, Scheme] = {
                "int8:token:dynamic"),
         Scheme("W4A8", "int4:g128", "fp16", "int4 weights in groups of 128, int8 activations per token (dynamic)",
                "int8:token:dynamic"),
+        Scheme("FP8-dynamic", "fp8_e4m3:channel", "fp16",
+               "FP8 E4M3 weights per channel, FP8 E4M3 activations per token (dynamic)", "fp8_e4m3:token:dynamic"),
         Scheme("FP8", "fp8_e4m3:channel", "fp16", "FP8 E4M3 weights, one fp32 scale per output channel"),
         Scheme("FP8_E5M2", "fp8_e5m2:channel", "fp16", "FP8 E5M2 weights, one fp32 scale per output channel"),
         Scheme("NVFP4", "nvfp4", "fp16", "FP4 E2M1 in blocks of 16, E4M3 block scales, fp32 tensor scale"),

@@ -13,7 +13,6 @@ import torch
 
 from lowbit.cli import main
 from lowbit.data.text import default_text, eval_windows, load_text, tokenize
-from lowbit.errors import LowbitError
 from lowbit.eval.llamacpp import compare_logprobs, gguf_logprobs
 from lowbit.eval.lm import lm_reference
 from lowbit.export.gguf import GGUFExportOptions, export_gguf
@@ -160,10 +159,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_llama_dir, llama256, caps
 def test_cli_export_and_inspect(tmp_path, llama256, capsys):
     out = tmp_path / "cli.gguf"
     code = main(["export", "gguf", str(llama256), "--type", "Q4_K_M", "--method", "imatrix", "--calib-samples", "2",
-                 "--out", str(out), "--json"])
+                 "--out", str(out), "--json", "--eval", "--windows", "1"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["path"] == str(out) and summary["tensor_types"]["Q4_K"] > 0
+    assert summary["eval"]["kld"] > 0 and 0 < summary["eval"]["top1"] <= 1
     assert main(["export", "gguf", str(llama256), "--out", str(out)]) == 2  # exists, no --force
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0

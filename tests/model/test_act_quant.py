@@ -75,3 +75,16 @@ def test_checkpoint_keeps_activation_specs_scales_and_float_zeros(tmp_path, tiny
     test_ids = torch.randint(0, 512, (1, 40))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=test_ids).logits, model(input_ids=test_ids).logits)
+
+
+def test_fp8_dynamic_scheme_quantizes_inputs_onto_the_fp8_grid():
+    from lowbit.workflow import QuantizeOptions, build_recipe
+
+    model = make_tiny_llama()
+    quantize_model(model, build_recipe(QuantizeOptions(scheme="FP8-dynamic")), progress=False)
+    quants = input_quantizers(model)
+    assert len(quants) == 14 and all(str(q.spec) == "fp8_e4m3:token:dynamic" for q in quants.values())
+    x = torch.randn(3, 96) * 5
+    out = quants["model.layers.0.mlp.up_proj"](x)
+    scale = x.abs().amax(-1, keepdim=True) / 448
+    assert torch.equal(out, (x / scale).to(torch.float8_e4m3fn).float() * scale)

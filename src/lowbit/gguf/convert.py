@@ -1,0 +1,135 @@
+"""From a float transformers model to GGUF tensor bytes: llama.cpp names and layouts (``lowbit.gguf.arch``),
+each tensor's block type from the named mix (``lowbit.gguf.mixes``), calibration statistics (importance matrix,
+Hessians) when the method needs them, and the encoded tensors (``lowbit.gguf.blocks`` / ``feedback``).
+The file itself is written by ``lowbit.export.gguf``, which never quantizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.data.text import calibration_windows, load_text, tokenize
+from lowbit.errors import LowbitError
+from lowbit.gguf.arch import Architecture, HParams, get_architecture, layer_of
+from lowbit.gguf.blocks import get_block_type
+from lowbit.gguf.calibrate import Calibration, collect
+from lowbit.gguf.feedback import feedback_quantize
+from lowbit.gguf.imatrix import check_imatrix, read_imatrix, write_imatrix
+from lowbit.gguf.mixes import FLOAT_TYPES, Choice, Mix, TensorRole, choose_type, get_mix
+from lowbit.model.load import LoadedModel
+
+METHODS = ("rtn", "imatrix", "gptq")
+
+
+@dataclass(frozen=True)
+class GGUFExportOptions:
+    """Everything ``lowbit export gguf`` takes.
+
+    method: ``rtn`` = llama.cpp's reference rounding (no calibration); ``imatrix`` = importance-weighted scale
+    search; ``gptq`` = importance-weighted search plus error feedback. ``imatrix``: a llama.cpp imatrix.dat
+    to read (if it exists) or to write (if not). Calibration windows come after the evaluation tokens.
+    """
+
+    model: str | None = None
+    type: str = "Q4_K_M"
+    out: str | None = None
+    method: str = "gptq"
+    imatrix: str | None = None
+    calib_text: str | None = None
+    calib_samples: int = 32
+    calib_length: int = 512
+    eval_tokens: int = 8 * 512
+    damp: float = 0.01
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class FloatTensor:
+    """One tensor as llama.cpp stores it: GGUF name, float32 data (rows = ne1.., row = ne0), source module."""
+
+    name: str
+    data: np.ndarray
+    module: str | None
+
+
+def gguf_tensors(model: torch.nn.Module, arch: Architecture, hp: HParams) -> list[FloatTensor]:
+    """The model's weights renamed and laid out for llama.cpp (tied output dropped, Q/K permuted)."""
+    out, seen = [], set()
+    for hf_name, tensor in model.state_dict().items():
+        name = arch.tensor_name(hf_name, hp.n_layers)
+        if name is None:
+            if "rotary" in hf_name:
+                continue
+            raise LowbitError(f"the GGUF exporter does not know where {hf_name} goes in a {arch.name} model")
+        if name == "output.weight" and hp.tied_embeddings or name in seen:
+            continue
+        seen.add(name)
+        data = arch.transform(name, tensor.detach().float().cpu().numpy(), hp)
+        module = hf_name.rsplit(".", 1)[0] if tensor.dim() == 2 else None
+        out.append(FloatTensor(name, np.ascontiguousarray(data), module))
+    return out
+
+
+def plan_types(mix: Mix, tensors: list[FloatTensor], hp: HParams) -> dict[str, Choice]:
+    """Each tensor's block type under ``mix`` (llama.cpp's choices and fallbacks)."""
+    return {t.name: choose_type(mix, TensorRole(t.name, t.data.shape[-1], t.data.ndim, layer_of(t.name),
+                                                hp.n_layers, hp.n_gqa, hp.tied_embeddings)) for t in tensors}
+
+
+def calibration_targets(tensors: list[FloatTensor], hp: HParams, plan: dict[str, Choice]) -> dict[str, str]:
+    """Linear module name -> GGUF name for every quantized tensor that multiplies activations."""
+    targets = {t.module: t.name for t in tensors if t.module and plan[t.name].type not in FLOAT_TYPES
+               and t.name != "token_embd.weight"}
+    if hp.tied_embeddings and plan.get("token_embd.weight", Choice("F32", "F32")).type not in FLOAT_TYPES:
+        targets["lm_head"] = "token_embd.weight"
+    return targets
+
+
+def statistics(opts: GGUFExportOptions, loaded: LoadedModel, targets: dict[str, str], columns: dict[str, int],
+                progress: bool, calib: Calibration | None) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
+    """(importance matrix, Hessians) the method needs, reading or writing ``opts.imatrix`` as asked."""
+    if opts.method == "rtn":
+        return None, None
+    from_file = read_imatrix(opts.imatrix) if opts.imatrix and Path(opts.imatrix).exists() else None
+    if from_file is not None:
+        check_imatrix(from_file, columns, opts.imatrix)
+    if from_file is not None and opts.method == "imatrix":
+        return from_file, None
+    calib = calib or calibrate(opts, loaded, targets, progress)
+    imatrix = from_file or calib.imatrix()
+    if opts.imatrix and from_file is None:
+        write_imatrix(opts.imatrix, imatrix, calib.n_chunks, opts.calib_text or "pydoc_data.topics")
+    return imatrix, (calib.hessians if opts.method == "gptq" else None)
+
+
+def calibrate(opts: GGUFExportOptions, loaded: LoadedModel, targets: dict[str, str], progress: bool) -> Calibration:
+    """Hessians of every target's inputs on calibration windows drawn after the evaluation tokens."""
+    ids = tokenize(loaded.tokenizer, load_text(opts.calib_text))
+    windows = calibration_windows(ids, opts.calib_samples, opts.calib_length, opts.eval_tokens).ids
+    return collect(loaded.model, targets, windows, progress)
+
+
+def all_targets(loaded: LoadedModel) -> dict[str, str]:
+    """Calibration targets covering every tensor any mix may quantize (to calibrate once for many exports)."""
+    arch = get_architecture(loaded.model)
+    hp = arch.hparams(loaded.model.config)
+    tensors = gguf_tensors(loaded.model, arch, hp)
+    return calibration_targets(tensors, hp, plan_types(get_mix("Q8_0"), tensors, hp))
+
+
+def encode_tensor(t: FloatTensor, choice: Choice, method: str, imatrix: dict | None, hessians: dict | None,
+                  damp: float) -> np.ndarray:
+    """The tensor's bytes (or float array) in its chosen type, by the chosen method."""
+    block = get_block_type(choice.type)
+    if choice.type in FLOAT_TYPES or t.data.ndim < 2:
+        data = block.quantize(t.data.reshape(1, -1) if t.data.ndim < 2 else t.data)
+        return data.reshape(t.data.shape) if t.data.ndim < 2 else data
+    imp = imatrix.get(t.name) if imatrix else None
+    h = hessians.get(t.name) if hessians else None
+    if method == "gptq" and block.affine and h is not None:
+        return feedback_quantize(t.data, h, block, imp, damp=damp)
+    return block.quantize(t.data, imp)
