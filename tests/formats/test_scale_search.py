@@ -49,3 +49,19 @@ def test_importance_weights_the_search():
     weighted = _error(w, spec, mse_params(w, spec, importance=importance), importance)
     unweighted = _error(w, spec, mse_params(w, spec), importance)
     assert weighted <= unweighted
+
+
+def test_hessian_clipping_search_lowers_output_error():
+    torch.manual_seed(0)
+    x = torch.randn(1024, 256) * (torch.rand(256) * 3) ** 2
+    w = torch.distributions.StudentT(3.0).sample((32, 256)) * 0.05
+    H = 2 * x.T @ x / 1024
+    for text in ("int3:g64:asym", "int4:g100", "int4:channel"):
+        spec = parse_spec(text)
+
+        def out_err(params):
+            d = dequantize(quantize(w, spec, params=params)) - w
+            return float(((d @ H) * d).sum())
+
+        assert out_err(mse_params(w, spec, hessian=H)) <= out_err(minmax_params(w, spec))
+        assert out_err(mse_params(w, spec, hessian=H)) <= out_err(mse_params(w, spec)) * 1.0001

@@ -3,6 +3,9 @@
 The search tries ranges shrunk by factors 1, 1 - s/n, ..., 1 - s(n-1)/n and keeps, per block, the one with
 the lowest (optionally importance-weighted) squared reconstruction error. Factor 1 is plain min/max and a
 candidate only replaces it when strictly better, so the search is never worse than min/max.
+Given the input Hessian H (row-wise specs: channel or group), the error of a block is instead its share of
+the layer's output error, d H_gg d^T with H_gg the block's diagonal block of H (AWQ's clipping objective,
+computed without a forward pass).
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from lowbit.formats.spec import QuantSpec
 
 
 def search_params(
-    w2d: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None
+    w2d: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, hessian: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales and zeros for a 2-D tensor by the spec's scale search (``minmax`` or ``mse``)."""
     if spec.scale_search == "mse":
-        return mse_params(w2d, spec, importance=importance)
+        return mse_params(w2d, spec, importance=importance, hessian=hessian)
     return minmax_params(w2d, spec)
 
 
@@ -31,8 +34,9 @@ def mse_params(
     steps: int = 20,
     max_shrink: float = 0.5,
     importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-block clipping that minimizes sum(importance * (w - q(w))^2); importance is per input column."""
+    """Per-block clipping that minimizes sum(importance * (w - q(w))^2), or the output error under ``hessian``."""
     fmt = get_format(spec.format)
     block = spec.block_size(*w2d.shape)
     b, mask = blocks.to_blocks(w2d, block)
@@ -40,6 +44,10 @@ def mse_params(
     if importance is not None:
         imp = importance.to(w2d.dtype).expand(w2d.shape)
         weight = weight * blocks.to_blocks(imp, block)[0]
+    if hessian is not None:
+        if block[0] != 1:
+            raise ValueError(f"a Hessian clipping search needs a row-wise spec (channel or group), got {spec}")
+        weight = (mask.to(w2d.dtype), diagonal_blocks(hessian, block[1]))
     lo, hi = b.amin(-1), b.amax(-1)
     gs = global_scale_of(w2d, spec)
     best_scale, best_zero = params_from_range(lo, hi, spec, global_scale=gs)
@@ -61,4 +69,17 @@ def _block_error(b, weight, scale, zero, fmt, global_scale=None) -> torch.Tensor
     values = fmt.decode(fmt.encode(b / s, z))
     if z is not None:
         values = values - z
+    if isinstance(weight, tuple):  # (mask, per-block diagonal blocks of H): output error d H_gg d^T
+        mask, hb = weight
+        d = (values * s - b) * mask
+        return torch.einsum("rng,ngh,rnh->rn", d, hb, d)
     return ((values * s - b) ** 2 * weight).sum(-1)
+
+
+def diagonal_blocks(hessian: torch.Tensor, size: int) -> torch.Tensor:
+    """The (n_groups, size, size) diagonal blocks of H for groups of ``size`` columns (the last zero-padded)."""
+    n = hessian.shape[0]
+    groups = -(-n // size)
+    padded = torch.zeros(groups * size, groups * size, dtype=torch.float32)
+    padded[:n, :n] = hessian.float()
+    return torch.stack([padded[i * size:(i + 1) * size, i * size:(i + 1) * size] for i in range(groups)])

@@ -17,7 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.formats.activation import ActivationSpec, max_code
+from lowbit.errors import LowbitError
 from lowbit.formats.qtensor import split_rows
+from lowbit.formats.spec import QuantSpec
 from lowbit.formats.quantize import check_finite, dequantize
 from lowbit.methods import get_method, split_method
 from lowbit.methods.gptq import GPTQOptions
@@ -81,8 +83,9 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
                 first = group[0]
                 weight = torch.cat([targets[rel].weight for rel in group]) if len(group) > 1 else targets[first].weight
                 name = block_prefix + first + ".weight"
-                qt = method(weight, chosen[block_prefix + first][1], name=name,
-                            **_method_inputs(quantizer, stats.get(first), recipe))
+                spec, inputs_ = _method_inputs(quantizer, transforms, stats.get(first), recipe,
+                                               chosen[block_prefix + first][1])
+                qt = method(weight, spec, name=name, **inputs_)
                 parts = split_rows(qt, [targets[rel].weight.shape[0] for rel in group])
                 for rel, part in zip(group, parts):
                     module = targets[rel]
@@ -134,15 +137,27 @@ def _autocast(dtype: torch.dtype):
     return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
 
-def _method_inputs(quantizer: str, stats: InputStats | None, recipe: Recipe) -> dict[str, Any]:
+def _method_inputs(quantizer: str, transforms: tuple[str, ...], stats: InputStats | None, recipe: Recipe,
+                   spec: QuantSpec) -> tuple[QuantSpec, dict[str, Any]]:
+    """The spec to use and the statistics the quantizer takes.
+
+    After AWQ, RTN runs AWQ's clipping step: an output-error (Hessian) clipping search, unless the recipe
+    says ``clip: false`` or the spec cannot take a search.
+    """
     if stats is None:
-        return {}
+        return spec, {}
     if quantizer == "gptq":
         opts = recipe.options
-        return {"hessian": stats.hessian(), "options": GPTQOptions(
+        return spec, {"hessian": stats.hessian(), "options": GPTQOptions(
             damp=float(opts.get("damp", 0.01)), block_size=int(opts.get("block_size", 128)),
             act_order=bool(opts.get("act_order", False)), static_groups=bool(opts.get("static_groups", False)))}
-    return {"importance": stats.importance() if stats.xtx is not None else None}
+    clip = "awq" in transforms and recipe.options.get("clip", True) and stats.xtx is not None
+    if clip and spec.granularity in ("channel", "group"):
+        try:
+            return spec.with_options(scale_search="mse"), {"hessian": stats.hessian()}
+        except LowbitError:
+            pass
+    return spec, {"importance": stats.importance() if stats.xtx is not None else None}
 
 
 def _apply_transforms(block: nn.Module, targets: dict[str, nn.Linear], stats: dict[str, InputStats],
