@@ -21,6 +21,7 @@ from pathlib import Path
 from results_file import write_section
 
 import psutil
+import torch
 
 from lowbit.data.text import calibration_windows, default_text, eval_windows, tokenize
 from lowbit.eval.lm import compare_lm, lm_reference
@@ -32,18 +33,21 @@ from lowbit.pipeline.calibrated import quantize_calibrated
 from lowbit.workflow import QuantizeOptions, build_recipe, recipe_needs_calibration
 
 W = dict(group_size=128, symmetric=False)
+ACT_ORDER = (("act_order", True),)
 CONFIGS = [
     (f"{s} g128 asym", m, dict(scheme=s, method=m.split(" ")[0], method_options=o, **W))
     for s in ("W4A16", "W3A16")
-    for m, o in (("rtn", ()), ("hqq", ()), ("gptq", ()), ("gptq act-order", (("act_order", True),)),
-                 ("awq", ()), ("awq+gptq", ()), ("awq+gptq act-order", (("act_order", True),)))
+    for m, o in (("rtn", ()), ("hqq", ()), ("gptq", ()), ("gptq act-order", ACT_ORDER), ("awq", ()),
+                 ("awq+gptq act-order", ACT_ORDER))
 ] + [
     ("W8A8 int8 token dynamic", "rtn", dict(scheme="W8A8")),
     ("W8A8 int8 token dynamic", "smoothquant", dict(scheme="W8A8", method="smoothquant")),
 ] + [
-    (f"W8A8 int8 tensor static {obs}", m, dict(scheme="W8A8", method=m, activations=f"int8:tensor:static:{obs}"))
-    for m in ("rtn", "smoothquant") for obs in ("minmax", "percentile", "mse", "kl")
+    (f"W8A8 int8 tensor static {obs}", "rtn", dict(scheme="W8A8", activations=f"int8:tensor:static:{obs}"))
+    for obs in ("minmax", "percentile", "mse", "kl")
 ] + [
+    ("W8A8 int8 tensor static kl", "smoothquant", dict(scheme="W8A8", method="smoothquant",
+                                                       activations="int8:tensor:static:kl")),
     ("NVFP4", "rtn", dict(scheme="NVFP4")),
     ("NVFP4", "gptq", dict(scheme="NVFP4", method="gptq")),
 ]
@@ -77,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--calib-dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--only", help="comma-separated substrings: run configs whose label or method contains one")
     parser.add_argument("--out", default="bench/RESULTS.md")
     args = parser.parse_args()
@@ -85,6 +90,7 @@ def main() -> None:
     ev = eval_windows(ids, 8, 512)
     calib = calibration_windows(ids, args.calib_samples, args.calib_length, ev.n_tokens).ids
     ref = lm_reference(loaded.model, ev.ids)
+    dtype = torch.bfloat16 if args.calib_dtype == "bf16" else torch.float32
     rows = []
     for label, method, options in CONFIGS:
         if args.only and not any(k in f"{label} {method}" for k in args.only.split(",")):
@@ -94,7 +100,7 @@ def main() -> None:
         with PeakRSS() as rss:
             t0 = time.perf_counter()
             if recipe_needs_calibration(recipe):
-                qm = quantize_calibrated(model, recipe, calib, progress=False)
+                qm = quantize_calibrated(model, recipe, calib, progress=False, compute_dtype=dtype)
             else:
                 qm = quantize_model(model, recipe, progress=False)
             seconds = time.perf_counter() - t0
@@ -111,7 +117,8 @@ def main() -> None:
 
 def _write(args, rows, ppl_base) -> None:
     command = " ".join(["python", *sys.argv])
-    title = f"## Calibrated methods on SmolLM2-135M ({args.calib_samples} x {args.calib_length} calibration tokens)"
+    title = (f"## Calibrated methods on SmolLM2-135M ({args.calib_samples} x {args.calib_length} calibration tokens, "
+             f"{args.calib_dtype} calibration passes)")
     lines = [title, "",
              f"Command: `{command}`. Evaluation: 8 x 512 tokens of pydoc topics (original PPL {ppl_base:.3f}); "
              "calibration samples are drawn from the tokens after them. The default model's float weights are "
