@@ -199,6 +199,7 @@ def test_calibrated_method_records_its_samples(tmp_path, tiny_llama_dir, capsys)
     report = json.loads(stdout)
     cal = report["calibration"]
     assert cal["samples"] == 6 and cal["length"] == 64 and len(cal["sample_starts"]) == 6
+    assert cal["dtype"] in ("bf16", "fp32")
     assert min(cal["sample_starts"]) >= report["eval"]["tokens"]  # never the evaluation tokens
     assert report["method"] == "awq+gptq" and report["peak_rss_mb"] > 0
     recipe = (out / "recipe.yaml").read_text()

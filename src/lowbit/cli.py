@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--calib-length", type=int, default=512, help="tokens per calibration sample (default 512)")
     c.add_argument("--calib-batch", type=int, default=8, help="samples per forward pass (default 8)")
-    c.add_argument("--calib-dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="precision of the calibration forward passes (bf16: faster on CPUs with bf16 units)")
+    c.add_argument("--calib-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="precision of the calibration forward passes (auto: bf16 where the CPU has bf16 units)")
     c.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by descending Hessian diagonal")
     c.add_argument("--static-groups", action="store_true", help="GPTQ: group scales from the original weights")
     c.add_argument("--damp", type=float, help="GPTQ: dampening as a fraction of mean diag(H) (default 0.01)")
