@@ -92,9 +92,9 @@ def main() -> None:
     ref = lm_reference(loaded.model, ev.ids)
     dtype = torch.bfloat16 if args.calib_dtype == "bf16" else torch.float32
     rows = []
-    for label, method, options in CONFIGS:
-        if args.only and not any(k in f"{label} {method}" for k in args.only.split(",")):
-            continue
+    configs = [c for c in CONFIGS if not args.only or any(k in f"{c[0]} {c[1]}" for k in args.only.split(","))]
+    n_configs = len(configs)
+    for label, method, options in configs:
         model = copy.deepcopy(loaded.model)
         recipe = build_recipe(QuantizeOptions(**options))
         with PeakRSS() as rss:
@@ -112,10 +112,11 @@ def main() -> None:
         print(f"{label} | {method} | bpw {bpw:.3f} | ppl {m['ppl']:.3f} | kld {m['kld']:.4f} | top1 {m['top1']:.4f} "
               f"| {seconds:.1f}s | {rss.peak_mb:.0f} MB", file=sys.stderr, flush=True)
         del model, qm
-    _write(args, rows, ref.ppl)
+        _write(args, rows, ref.ppl, done=len(rows) == n_configs)
 
 
-def _write(args, rows, ppl_base) -> None:
+def _write(args, rows, ppl_base, done: bool) -> None:
+    """Rewrite the section after every row, so an interrupted run keeps what it measured."""
     command = " ".join(["python", *sys.argv])
     title = (f"## Calibrated methods on SmolLM2-135M ({args.calib_samples} x {args.calib_length} calibration tokens, "
              f"{args.calib_dtype} calibration passes)")
@@ -125,13 +126,15 @@ def _write(args, rows, ppl_base) -> None:
              "dequantized Q4_1 (asym 4-bit, blocks of 32), which flatters 4-bit asymmetric grids. Seconds and "
              "peak RSS (sampled during quantization, whole process incl. the loaded model and the reference "
              "log-probs) were measured on the shared 2-core machine; compare them as ratios within this table.",
+             *([] if done else ["", f"(partial: {len(rows)} rows so far, the run was still going)"]),
              "", "| config | method | bpw | PPL | KLD | top-1 | seconds | peak RSS MB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, method, bpw, m, seconds, rss in rows:
         lines.append(f"| {label} | {method} | {bpw:.3f} | {m['ppl']:.3f} | {m['kld']:.4f} | {m['top1']:.4f} "
                      f"| {seconds:.0f} | {rss:.0f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
+    if done:
+        print(text)
     write_section(Path(args.out), title, text)
 
 

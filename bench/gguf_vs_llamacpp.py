@@ -52,6 +52,7 @@ def main() -> None:
     f32 = out / "f32.gguf"
     export_gguf(GGUFExportOptions(type="F32", out=str(f32), method="rtn", force=True), False, loaded)
     ref = gguf_logprobs(f32, windows)
+    ppl_f32 = compare_logprobs(ref, ref, windows)["ppl"]
     opts = GGUFExportOptions(method=args.method, calib_samples=args.calib_samples, force=True,
                              eval_tokens=windows.numel())
     t0 = time.perf_counter()
@@ -69,7 +70,7 @@ def main() -> None:
             row[who] = {"bytes": path.stat().st_size, **m}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write_results(rows, args, t_calib, compare_logprobs(ref, ref, windows)["ppl"])
+        write_results(rows, args, t_calib, ppl_f32)  # after every type: an interrupted run keeps what it measured
 
 
 def write_results(rows: list[dict], args, t_calib: float, ppl_f32: float) -> None:
@@ -80,7 +81,8 @@ def write_results(rows: list[dict], args, t_calib: float, ppl_f32: float) -> Non
              f"{args.windows}x512 tokens of pydoc topics (lowbit.data.text eval windows). llama.cpp files: "
              "llama_model_quantize from that F32 file, no imatrix. lowbit files: method "
              f"`{args.method}`, {args.calib_samples}x512 calibration tokens drawn after the evaluation windows "
-             f"(calibration {t_calib:.0f} s, once for all types).", "",
+             f"(calibration {t_calib:.0f} s, once for all types).",
+             *([] if len(rows) == len(args.types.split(",")) else ["", f"(partial: {len(rows)} types so far)"]), "",
              "| type | llama.cpp MB | lowbit MB | size Δ | llama.cpp PPL | lowbit PPL | llama.cpp KLD | lowbit KLD | "
              "KLD ratio | llama.cpp top-1 | lowbit top-1 |", "|" + "---|" * 11]
     for r in rows:

@@ -222,3 +222,15 @@ def test_stream_then_eval(tmp_path, tiny_llama_dir, capsys):
     assert report["streamed"] is True and report["eval"] is None and report["quantized_tensors"] == 14
     code, stdout, _ = _run(capsys, "eval", out, "--json", *EVAL)
     assert code == 0 and json.loads(stdout)["eval"]["kld"] > 0
+
+
+def test_quantize_writes_every_asked_format_from_one_run(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "w4"
+    code = main(["quantize", str(tiny_llama_dir), "--scheme", "W4A16", "--group-size", "32", "--format",
+                 "lowbit,hf,gptq", "--out", str(out), "--no-eval"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "report.json").is_file()
+    hf_config = json.loads((tmp_path / "w4-hf" / "config.json").read_text())
+    assert hf_config["quantization_config"]["quant_method"] == "compressed-tensors"
+    gptq_config = json.loads((tmp_path / "w4-gptq" / "quantize_config.json").read_text())
+    assert gptq_config["bits"] == 4 and gptq_config["group_size"] == 32

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from lowbit import __version__
@@ -20,6 +21,7 @@ EPILOG = """examples:
   lowbit quantize --scheme W4A16 --asym --method gptq --act-order      # calibrated (128 x 512 tokens)
   lowbit quantize --scheme W3A16 --asym --method awq+gptq --calib-text my.jsonl
   lowbit eval out/smollm2-w4a16 --text my.txt --json
+  lowbit quantize --format gguf --type Q4_K_M         # llama.cpp file: imatrix + error feedback, measured in llama.cpp
   lowbit inspect model.gguf
 """
 
@@ -42,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", help="HF folder, .gguf file, or built-in 'smollm2' (default) / 'minilm'")
     q.add_argument("--scheme", default="W4A16", help="W16A16, FP16, BF16, W8A16, W4A16 (default), W3A16, W2A16, FP8, FP8_E5M2, NVFP4, MXFP4, "
                    "MXFP8, FP4, NF4, LOG2, TERNARY, BINARY")
-    q.add_argument("--method", default="rtn",
-                   help="rtn (default), gptq, awq, awq+gptq, smoothquant, smoothquant+gptq")
+    q.add_argument("--method", help="rtn (default), hqq, gptq, awq, awq+gptq, smoothquant, smoothquant+gptq; "
+                   "for --format gguf: rtn, imatrix, gptq (default)")
+    q.add_argument("--format", default="lowbit", metavar="FMT[,FMT]",
+                   help="lowbit (default: safetensors folder + report), gguf (llama.cpp file, see --type), "
+                        "hf (compressed-tensors: vLLM, transformers), gptq (GPTQ checkpoint); comma-separated for "
+                        "several; hf and gptq are written beside the lowbit folder as <out>-hf, <out>-gptq")
+    q.add_argument("--type", default="Q4_K_M", help="GGUF type or llama.cpp mix for --format gguf (default Q4_K_M)")
     q.add_argument("--group-size", type=int, help="quantize in groups of N along the input dimension")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="unsigned codes with a zero point")
@@ -65,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(q)
     c = q.add_argument_group("calibration (gptq, awq, smoothquant)")
     c.add_argument("--calib-text", help="calibration text: plain text or .jsonl (default: pydoc topics after the eval part)")
-    c.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
+    c.add_argument("--calib-samples", type=int, help="calibration samples (default 128; 32 for --format gguf)")
     c.add_argument("--calib-length", type=int, default=512, help="tokens per calibration sample (default 512)")
     c.add_argument("--calib-batch", type=int, default=8, help="samples per forward pass (default 8)")
     c.add_argument("--calib-dtype", choices=("auto", "fp32", "bf16"), default="auto",
@@ -95,20 +102,77 @@ def _eval_options(args: argparse.Namespace):
     return EvalOptions(text=args.text, windows=args.windows, length=args.window_length, sentences=args.sentences)
 
 
+def _export_hf(folder: Path, force: bool) -> dict[str, Any]:
+    from lowbit.export.compressed_tensors import export_hf
+
+    return export_hf(folder, folder.with_name(f"{folder.name}-hf"), force=force)
+
+
+def _export_gptq(folder: Path, force: bool) -> dict[str, Any]:
+    from lowbit.export.gptq import export_gptq_folder
+
+    return export_gptq_folder(folder, folder.with_name(f"{folder.name}-gptq"), force=force)
+
+
+# Formats written from lowbit's own output folder, beside it as <folder>-<format>.
+DERIVED_FORMATS = {"hf": _export_hf, "gptq": _export_gptq}
+OUTPUT_FORMATS = ("lowbit", "gguf", *DERIVED_FORMATS)
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
+    formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in OUTPUT_FORMATS]
+    if unknown or not formats:
+        raise LowbitError(f"unknown output format {', '.join(unknown) or repr(args.format)}; "
+                          f"choose from {', '.join(OUTPUT_FORMATS)}")
+    derived = [f for f in formats if f in DERIVED_FORMATS]
+    if "gguf" in formats:
+        _quantize_gguf(args, several=len(formats) > 1)
+    if "lowbit" in formats or derived:
+        out_dir = _quantize_lowbit(args)
+        for name in derived:
+            summary = DERIVED_FORMATS[name](out_dir, args.force)
+            if not args.json:
+                print(f"wrote {summary['path']} ({summary['format']})")
+
+
+def _quantize_gguf(args: argparse.Namespace, several: bool) -> None:
+    """``--format gguf``: the GGUF exporter (llama.cpp block types), measured in llama.cpp when it is installed."""
+    from lowbit.cli_export import cmd_export_gguf
+    from lowbit.export.gguf import METHODS as GGUF_METHODS
+
+    method = args.method or "gptq"
+    if method not in GGUF_METHODS:
+        raise LowbitError(f"--format gguf quantizes with --method {', '.join(GGUF_METHODS)}, not {method!r}")
+    gguf_args = argparse.Namespace(
+        model=args.model, type=args.type, method=method, imatrix=None, calib_text=args.calib_text,
+        calib_samples=32 if args.calib_samples is None else args.calib_samples,
+        out=None if several else args.out, force=args.force, eval=not args.no_eval and _has_llama_cpp(),
+        windows=args.windows, json=args.json)
+    cmd_export_gguf(gguf_args)
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _quantize_lowbit(args: argparse.Namespace) -> Path:
     from lowbit.report import print_report
     from lowbit.workflow import CalibrationOptions, QuantizeOptions, quantize_job
 
-    if args.calib_samples <= 0 or args.calib_length < 2 or args.calib_batch <= 0:
+    samples = 128 if args.calib_samples is None else args.calib_samples
+    if samples <= 0 or args.calib_length < 2 or args.calib_batch <= 0:
         raise LowbitError("--calib-samples and --calib-batch must be positive and --calib-length at least 2")
     method_options = {"act_order": args.act_order or None, "static_groups": args.static_groups or None,
                       "damp": args.damp, "grid": args.awq_grid, "alpha": args.alpha}
     opts = QuantizeOptions(
-        model=args.model, scheme=args.scheme, method=args.method, group_size=args.group_size,
+        model=args.model, scheme=args.scheme, method=args.method or "rtn", group_size=args.group_size,
         symmetric=args.symmetric, scale_search=args.search, dtype=args.dtype, rules=tuple(args.rule),
         ignore=tuple(args.ignore), recipe_file=args.recipe, out=args.out, force=args.force,
         evaluate=not args.no_eval, eval=_eval_options(args),
-        calibration=CalibrationOptions(args.calib_text, args.calib_samples, args.calib_length, args.calib_batch,
+        calibration=CalibrationOptions(args.calib_text, samples, args.calib_length, args.calib_batch,
                                        dtype=args.calib_dtype),
         method_options=tuple((k, v) for k, v in method_options.items() if v is not None),
         activations=args.act,
@@ -120,6 +184,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     else:
         print_report(report)
         print(f"wrote {out_dir}")
+    return out_dir
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

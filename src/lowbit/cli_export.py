@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from lowbit.cli_export_hf import add_hf_targets
 from lowbit.export.gguf import METHODS, GGUFExportOptions
 from lowbit.gguf.mixes import MIXES
 
@@ -37,6 +38,7 @@ def add_export_parser(sub: Any) -> None:
     g.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens (default 8)")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.set_defaults(handler=cmd_export_gguf)
+    add_hf_targets(targets)
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:

@@ -170,3 +170,34 @@ def test_cli_export_and_inspect(tmp_path, llama256, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["metadata"]["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     assert {"Q4_K", "Q6_K", "F32"} <= set(info["by_type"])
+
+
+def test_quantize_format_gguf_writes_the_file_and_measures_it(tmp_path, llama256, capsys):
+    out = tmp_path / "q.gguf"
+    code = main(["quantize", str(llama256), "--format", "gguf", "--type", "Q8_0", "--method", "rtn",
+                 "--out", str(out), "--json", "--windows", "1"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["path"] == str(out) and summary["tensor_types"]["Q8_0"] > 0
+    assert 0 <= summary["eval"]["kld"] < 0.05 and summary["eval"]["top1"] > 0.5
+
+
+def test_quantize_several_formats_in_one_call(tmp_path, llama256, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "w8"
+    code = main(["quantize", str(llama256), "--format", "lowbit,gguf", "--scheme", "W8A16", "--type", "Q8_0",
+                 "--method", "rtn", "--out", str(folder), "--no-eval"])
+    assert code == 0, capsys.readouterr().err
+    assert (folder / "report.json").is_file()
+    ggufs = list((tmp_path / "out").glob("*-Q8_0-rtn.gguf"))
+    assert len(ggufs) == 1 and gguf.GGUFReader(ggufs[0]).tensors
+
+
+@pytest.mark.parametrize("args,match", [(["--format", "gguf", "--method", "awq"], "--format gguf quantizes with"),
+                                        (["--format", "onnx"], "unknown output format onnx")])
+def test_quantize_format_errors(tmp_path, tiny_llama_dir, capsys, args, match):
+    out = tmp_path / "never"
+    assert main(["quantize", str(tiny_llama_dir), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not out.exists()

@@ -1,0 +1,141 @@
+"""The side both Hugging Face exporters share: read a lowbit checkpoint folder, write a loadable HF folder.
+
+The exporters (compressed-tensors, GPTQ) consume only what ``lowbit quantize`` wrote: QTensors, float
+tensors, activation specs and static input scales, config.json and the tokenizer files. They never
+quantize. Which modules are ``nn.Linear`` (needed for ``targets``/``ignore`` lists) is read from the model
+class transformers builds for config.json on the meta device, so no architecture is hand-listed here.
+The output folder is written atomically: nothing half-written remains when an exporter raises.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+from lowbit.formats.activation import ActivationSpec
+from lowbit.formats.qtensor import QTensor
+from lowbit.io_utils import atomic_directory
+from lowbit.model.checkpoint import WEIGHTS_FILE, read_input_quantizers, read_manifest, read_qtensors
+from lowbit.model.load import CAUSAL_LM
+
+EXPORT_MANIFEST = "lowbit_export.json"
+EXPORT_FORMAT_VERSION = 1
+NOT_COPIED = {WEIGHTS_FILE, "config.json", "lowbit.json", "report.json", "recipe.yaml"}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+@dataclass(frozen=True)
+class QuantizedModule:
+    """One quantized module: its weight's QTensor, and how its input is quantized (None: weight-only)."""
+
+    name: str
+    qtensor: QTensor
+    activation: ActivationSpec | None = None
+    input_scale: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Everything an exporter needs from a lowbit checkpoint folder."""
+
+    folder: Path
+    manifest: dict
+    config: dict
+    modules: dict[str, QuantizedModule]
+    floats: dict[str, torch.Tensor]
+    module_types: dict[str, str]
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The dtype most float tensors are stored in (what the exported model computes in)."""
+        counts = Counter(t.dtype for t in self.floats.values() if t.is_floating_point())
+        return counts.most_common(1)[0][0] if counts else torch.float16
+
+    def float_linears(self) -> list[str]:
+        """Names of the ``nn.Linear`` modules kept in float (the exporters' ignore lists)."""
+        return sorted(n for n, kind in self.module_types.items() if kind == "Linear" and n not in self.modules)
+
+
+def read_source(folder: str | Path) -> CheckpointSource:
+    """Read a folder written by ``lowbit quantize``; a one-line error if it is not one."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    qtensors, floats = read_qtensors(folder / WEIGHTS_FILE)
+    inputs = read_input_quantizers(folder / WEIGHTS_FILE)
+    module_types = _module_types(folder, manifest.get("kind", CAUSAL_LM))
+    modules: dict[str, QuantizedModule] = {}
+    for param, qt in qtensors.items():
+        name = param.removesuffix(".weight")
+        if not param.endswith(".weight") or name not in module_types:
+            raise LowbitError(f"{param}: only the weights of Linear modules can be exported to Hugging Face "
+                              "formats; keep this tensor in float (--ignore)")
+        spec, scale = inputs.get(name, (None, None))
+        modules[name] = QuantizedModule(name, qt, spec, scale)
+    config = json.loads((folder / "config.json").read_text())
+    return CheckpointSource(folder, manifest, config, modules, floats, module_types)
+
+
+def _module_types(folder: Path, kind: str) -> dict[str, str]:
+    """{module name: 'Linear' | 'Embedding'} of the model config.json describes, built on the meta device."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    auto = AutoModelForCausalLM if kind == CAUSAL_LM else AutoModel
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    types = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            types[name] = "Linear"
+        elif isinstance(module, torch.nn.Embedding):
+            types[name] = "Embedding"
+    return types
+
+
+def write_hf_folder(
+    source: CheckpointSource,
+    out: str | Path,
+    tensors: dict[str, torch.Tensor],
+    quantization_config: dict,
+    format_name: str,
+    extra_files: dict[str, dict] | None = None,
+    force: bool = False,
+) -> dict:
+    """Write ``tensors`` (plus the float tensors), config.json with ``quantization_config``, the tokenizer.
+
+    ``extra_files`` are further JSON files (e.g. GPTQ's quantize_config.json). Returns a summary.
+    """
+    all_tensors = {name: t.contiguous() for name, t in source.floats.items()}
+    all_tensors.update({name: t.contiguous() for name, t in tensors.items()})
+    config = dict(source.config)
+    dtype_name = DTYPE_NAMES.get(source.float_dtype, "float16")
+    config["dtype"] = dtype_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name
+    config["quantization_config"] = quantization_config
+    out = Path(out)
+    with atomic_directory(out, force=force) as tmp:
+        save_file(all_tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", config)
+        for name, content in (extra_files or {}).items():
+            _write_json(tmp / name, content)
+        _write_json(tmp / EXPORT_MANIFEST, {"format_version": EXPORT_FORMAT_VERSION, "lowbit_version": __version__,
+                                            "format": format_name, "source": str(source.folder),
+                                            "made_from": source.manifest})
+        for path in sorted(source.folder.iterdir()):
+            if path.is_file() and path.name not in NOT_COPIED:
+                shutil.copy2(path, tmp / path.name)
+    return {"path": str(out), "format": format_name, "bytes": (out / WEIGHTS_FILE).stat().st_size,
+            "quantized": len(source.modules), "float_linears": source.float_linears()}
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
