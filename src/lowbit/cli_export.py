@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from lowbit.cli_export_hf import add_hf_targets
+from lowbit.cli_export_onnx import add_onnx_target
 from lowbit.export.gguf import METHODS, GGUFExportOptions
 from lowbit.gguf.mixes import MIXES
 
@@ -39,6 +40,7 @@ def add_export_parser(sub: Any) -> None:
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.set_defaults(handler=cmd_export_gguf)
     add_hf_targets(targets)
+    add_onnx_target(targets)
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:

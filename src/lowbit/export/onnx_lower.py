@@ -1,0 +1,51 @@
+"""Rewrite a traced graph so that each module lowbit quantized computes from its stored integer codes.
+
+Given the fake-quant model (a ``QuantizedModel``: QTensors plus attached input quantizers), every
+quantized linear becomes either an integer-kernel chain (``onnx_int8``) or a QDQ chain (``onnx_qdq``),
+and every quantized embedding a Gather over a DequantizeLinear table. Returns how each module was lowered.
+"""
+
+from __future__ import annotations
+
+from lowbit.export.onnx_graph import GraphEdit, inferred_types, set_opsets
+from lowbit.export.onnx_int8 import Int8Lowering, integer_kernel_ready
+from lowbit.export.onnx_qdq import qdq_embedding, qdq_linear
+from lowbit.export.onnx_sites import ensure_node_names, find_sites
+from lowbit.export.onnx_weights import onnx_weight
+from lowbit.model.act_quant import input_quantizers
+from lowbit.model.apply import QuantizedModel
+
+INT8 = "int8"
+QDQ = "qdq"
+ABSENT = "absent"
+
+
+def lower_quantized(proto, quantized: QuantizedModel, integer: bool) -> dict[str, str]:
+    """Rewrite ``proto`` in place; ``integer`` picks MatMulInteger where the spec allows. Module -> lowering."""
+    graph = proto.graph
+    ensure_node_names(graph)
+    modules = {pname.rsplit(".", 1)[0]: qt for pname, qt in quantized.qtensors.items()}
+    linears, embeddings, absent = find_sites(graph, quantized.model, list(modules))
+    quantizers = input_quantizers(quantized.model)
+    edit = GraphEdit(graph, inferred_types(proto))
+    integer_lowering = Int8Lowering(edit)
+    lowering = {name: ABSENT for name in absent}
+    position = {node.name: i for i, node in enumerate(graph.node)}
+    # In graph order, so that nodes shared by several linears are placed before all of their users.
+    for name, site in sorted(linears.items(), key=lambda item: position[item[1].matmul]):
+        weight = onnx_weight(modules[name], transpose=True, name=name)
+        quantizer = quantizers.get(name)
+        act = None if quantizer is None else quantizer.spec
+        scale = None if quantizer is None or quantizer.scale is None else float(quantizer.scale)
+        if integer and integer_kernel_ready(weight, act):
+            integer_lowering.linear(site, weight, act, scale)
+            lowering[name] = INT8
+        else:
+            qdq_linear(edit, site, weight, act, scale)
+            lowering[name] = QDQ
+    for name, site in embeddings.items():
+        qdq_embedding(edit, site, onnx_weight(modules[name], transpose=False, name=name))
+        lowering[name] = QDQ
+    edit.apply()
+    set_opsets(proto, edit.opsets)
+    return lowering
