@@ -20,7 +20,8 @@ from pathlib import Path
 
 from results_file import write_section
 
-import psutil
+import os
+
 import torch
 
 from lowbit.data.text import calibration_windows, default_text, eval_windows, tokenize
@@ -54,7 +55,7 @@ CONFIGS = [
 
 
 class PeakRSS:
-    """Samples this process's RSS in a thread; ``peak_mb`` is the maximum seen while running."""
+    """Samples this process's RSS (Linux /proc) in a thread; ``peak_mb`` is the maximum seen while running."""
 
     def __enter__(self):
         self.peak, self.running = 0, True
@@ -63,9 +64,10 @@ class PeakRSS:
         return self
 
     def _run(self):
-        proc = psutil.Process()
+        page = os.sysconf("SC_PAGE_SIZE")
         while self.running:
-            self.peak = max(self.peak, proc.memory_info().rss)
+            with open("/proc/self/statm") as statm:
+                self.peak = max(self.peak, int(statm.read().split()[1]) * page)
             time.sleep(0.1)
 
     def __exit__(self, *exc):

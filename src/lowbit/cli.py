@@ -22,6 +22,7 @@ EPILOG = """examples:
   lowbit quantize --scheme W3A16 --asym --method awq+gptq --calib-text my.jsonl
   lowbit eval out/smollm2-w4a16 --text my.txt --json
   lowbit quantize --format gguf --type Q4_K_M         # llama.cpp file: imatrix + error feedback, measured in llama.cpp
+  lowbit quantize --method gptq --format lowbit,onnx  # also out/...-onnx/model.onnx (int4 as MatMulNBits)
   lowbit inspect model.gguf
 """
 
@@ -48,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "for --format gguf: rtn, imatrix, gptq (default)")
     q.add_argument("--format", default="lowbit", metavar="FMT[,FMT]",
                    help="lowbit (default: safetensors folder + report), gguf (llama.cpp file, see --type), "
-                        "hf (compressed-tensors: vLLM, transformers), gptq (GPTQ checkpoint); comma-separated for "
-                        "several; hf and gptq are written beside the lowbit folder as <out>-hf, <out>-gptq")
+                        "hf (compressed-tensors: vLLM, transformers), gptq (GPTQ checkpoint), awq (AutoAWQ GEMM "
+                        "checkpoint), onnx (onnxruntime: int4 as MatMulNBits); comma-separated for several; hf, gptq, "
+                        "awq and onnx are written beside the lowbit folder as <out>-hf, <out>-gptq, <out>-awq, "
+                        "<out>-onnx")
     q.add_argument("--type", default="Q4_K_M", help="GGUF type or llama.cpp mix for --format gguf (default Q4_K_M)")
     q.add_argument("--group-size", type=int, help="quantize in groups of N along the input dimension")
     sym = q.add_mutually_exclusive_group()
@@ -114,8 +117,20 @@ def _export_gptq(folder: Path, force: bool) -> dict[str, Any]:
     return export_gptq_folder(folder, folder.with_name(f"{folder.name}-gptq"), force=force)
 
 
+def _export_awq(folder: Path, force: bool) -> dict[str, Any]:
+    from lowbit.export.awq import export_awq_folder
+
+    return export_awq_folder(folder, folder.with_name(f"{folder.name}-awq"), force=force)
+
+
+def _export_onnx(folder: Path, force: bool) -> dict[str, Any]:
+    from lowbit.export.onnx_checkpoint import export_onnx_folder
+
+    return export_onnx_folder(folder, folder.with_name(f"{folder.name}-onnx"), force=force)
+
+
 # Formats written from lowbit's own output folder, beside it as <folder>-<format>.
-DERIVED_FORMATS = {"hf": _export_hf, "gptq": _export_gptq}
+DERIVED_FORMATS = {"hf": _export_hf, "gptq": _export_gptq, "awq": _export_awq, "onnx": _export_onnx}
 OUTPUT_FORMATS = ("lowbit", "gguf", *DERIVED_FORMATS)
 
 

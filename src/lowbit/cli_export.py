@@ -21,7 +21,7 @@ EXAMPLES = """examples:
 
 def add_export_parser(sub: Any) -> None:
     """Register ``export`` (with its ``gguf`` target) on the CLI's subparsers."""
-    e = sub.add_parser("export", help="write a model in another engine's format (gguf, hf, gptq, onnx)")
+    e = sub.add_parser("export", help="write a model in another engine's format (gguf, hf, gptq, awq, onnx)")
     targets = e.add_subparsers(dest="target", required=True)
     g = targets.add_parser("gguf", help="write a GGUF v3 file for llama.cpp", epilog=EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""``lowbit export hf`` and ``lowbit export gptq``: a lowbit checkpoint as a Hugging Face folder (vLLM, HF)."""
+"""``lowbit export hf``, ``gptq`` and ``awq``: a lowbit checkpoint as a Hugging Face folder (vLLM, HF)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,14 @@ GPTQ_EXAMPLES = """examples:
   lowbit export gptq out/w4 --out out/w4-gptq2 --checkpoint-format gptq_v2
 """
 
+AWQ_EXAMPLES = """examples:
+  lowbit quantize --scheme W4A16 --method awq --asym --group-size 64 --out out/w4   # 64 divides SmolLM2's 576
+  lowbit export awq out/w4 --out out/w4-awq                       # qweight/qzeros/scales, version gemm
+"""
+
 
 def add_hf_targets(targets: Any) -> None:
-    """Register the ``hf`` (compressed-tensors) and ``gptq`` targets on ``lowbit export``'s subparsers."""
+    """Register the ``hf`` (compressed-tensors), ``gptq`` and ``awq`` targets on ``lowbit export``'s subparsers."""
     from lowbit.export.ct_formats import FORMAT_NAMES
     from lowbit.export.gptq import VERSIONS
 
@@ -45,6 +50,14 @@ def add_hf_targets(targets: Any) -> None:
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.set_defaults(handler=cmd_export_gptq)
 
+    a = targets.add_parser("awq", help="write an AutoAWQ GEMM checkpoint (qweight/qzeros/scales) from a lowbit one",
+                           epilog=AWQ_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("checkpoint", help="a folder written by lowbit quantize (int4 weights, weight-only, whole groups)")
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--force", action="store_true", help="replace an existing output folder")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a.set_defaults(handler=cmd_export_awq)
+
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from lowbit.export.compressed_tensors import CompressedTensorsOptions, export_compressed_tensors
@@ -57,6 +70,14 @@ def cmd_export_gptq(args: argparse.Namespace) -> None:
     from lowbit.export.gptq import GPTQOptions, export_gptq
 
     summary = export_gptq(GPTQOptions(args.checkpoint, args.out, args.checkpoint_format, args.force))
+    group = "per channel" if summary["group_size"] == -1 else f"groups of {summary['group_size']}"
+    _print(summary, args.json, f"{summary['bits']}-bit, {group}, {'sym' if summary['sym'] else 'asym'}")
+
+
+def cmd_export_awq(args: argparse.Namespace) -> None:
+    from lowbit.export.awq import AWQOptions, export_awq
+
+    summary = export_awq(AWQOptions(args.checkpoint, args.out, args.force))
     group = "per channel" if summary["group_size"] == -1 else f"groups of {summary['group_size']}"
     _print(summary, args.json, f"{summary['bits']}-bit, {group}, {'sym' if summary['sym'] else 'asym'}")
 

@@ -1,4 +1,4 @@
-"""``lowbit export onnx``: an encoder as an ONNX graph for onnxruntime (float, QDQ, or int8 kernels)."""
+"""``lowbit export onnx``: an encoder, a causal LM's float graph, or any lowbit checkpoint as ONNX."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ ONNX_EXAMPLES = """examples:
   lowbit export onnx --mode qdq --scheme W4A16 --out w4.onnx # int4 weights as blocked DequantizeLinear (g128)
   lowbit export onnx --method rtn --token-linears 0 --out fast.onnx   # no calibration: per-tensor inputs
   lowbit export onnx path/to/bert_folder --keep '*.output.dense' --out b.onnx
+  lowbit export onnx out/w4 --out out/w4.onnx                # a lowbit checkpoint: int4 linears as MatMulNBits
+  lowbit export onnx smollm2 --mode float --out out/smollm2.onnx   # an LLM's float graph (input_ids -> logits)
 """
 
 
@@ -20,9 +22,10 @@ def add_onnx_target(targets: Any) -> None:
     """Register the ``onnx`` target on ``lowbit export``'s subparsers."""
     from lowbit.export.onnx import EVAL_PARAGRAPHS, METHODS, MODES
 
-    o = targets.add_parser("onnx", help="write an encoder as ONNX for onnxruntime (float, QDQ or int8 kernels)",
+    o = targets.add_parser("onnx", help="write an encoder or a lowbit checkpoint as ONNX for onnxruntime",
                            epilog=ONNX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    o.add_argument("model", nargs="?", help="HF encoder folder or built-in 'minilm' (default)")
+    o.add_argument("model", nargs="?", help="a lowbit checkpoint folder (LLM or encoder: its codes are written "
+                                            "as they are), an HF encoder folder, or built-in 'minilm' (default)")
     o.add_argument("--out", help="output .onnx file (default out/<model>-<scheme>-<mode>.onnx)")
     o.add_argument("--mode", default="int8", choices=MODES,
                    help="int8: integer kernels onnxruntime fuses (default); qdq: explicit Q/DQ pairs; float")
@@ -50,6 +53,11 @@ def add_onnx_target(targets: Any) -> None:
                                         "paragraphs, which are the evaluation sentences)")
     o.add_argument("--calib-samples", type=int, default=64, help="GPTQ calibration windows (default 64)")
     o.add_argument("--calib-length", type=int, default=128, help="tokens per calibration window (default 128)")
+    o.add_argument("--no-matmulnbits", dest="matmul_nbits", action="store_false",
+                   help="checkpoints: write weight-only int linears as blocked DequantizeLinear, not MatMulNBits")
+    o.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4),
+                   help="checkpoints: MatMulNBits compute type; 0 float (default, what lowbit evaluated), "
+                        "4 int8 activations inside the kernel (faster)")
     o.add_argument("--force", action="store_true", help="replace an existing output file")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
     o.set_defaults(handler=cmd_export_onnx)
@@ -57,7 +65,13 @@ def add_onnx_target(targets: Any) -> None:
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     from lowbit.export.onnx import OnnxExportOptions, export_onnx
+    from lowbit.export.onnx_checkpoint import OnnxCheckpointOptions, export_onnx_checkpoint, is_checkpoint
 
+    if is_checkpoint(args.model):
+        summary = export_onnx_checkpoint(OnnxCheckpointOptions(args.model, args.out, args.mode, args.matmul_nbits,
+                                                               args.accuracy_level, force=args.force))
+        _print(summary, args.json)
+        return
     embeddings = None if args.embeddings.lower() in ("keep", "float", "none") else args.embeddings
     opts = OnnxExportOptions(model=args.model, out=args.out, mode=args.mode, scheme=args.scheme, weights=args.weights,
                              activations=args.activations, scale_search=args.scale_search, method=args.method,
@@ -65,8 +79,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
                              recipe_file=args.recipe_file, embeddings=embeddings, calib_text=args.calib_text,
                              calib_samples=args.calib_samples, calib_length=args.calib_length,
                              sensitivity_sentences=args.sensitivity_sentences, force=args.force)
-    summary = export_onnx(opts, progress=not args.json)
-    if args.json:
+    _print(export_onnx(opts, progress=not args.json), args.json)
+
+
+def _print(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(summary, indent=2))
         return
     counts: dict[str, int] = {}

@@ -47,6 +47,8 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("MXFP8", "mxfp8", "fp16", "OCP MXFP8: FP8 E4M3 in blocks of 32, E8M0 power-of-two scales"),
         Scheme("FP4", "fp4_e2m1:g32", "fp16", "FP4 E2M1 in groups of 32 with fp16 scales"),
         Scheme("NF4", "nf4:g64", "fp16", "NormalFloat4 (bitsandbytes levels), absmax in groups of 64"),
+        Scheme("NF4-DQ", "nf4:g64:scale=e4m3", "fp16",
+               "NF4 with double-quantized absmax: 8-bit E4M3 block scales under one fp32 tensor scale"),
         Scheme("LOG2", "log2_4:g32", "fp16", "4-bit powers of two (sign + 2^-6..2^0, zero) in groups of 32"),
         Scheme("TERNARY", "ternary:g64", "fp16", "{-1, 0, +1} x TWN scale in groups of 64"),
         Scheme("BINARY", "binary:g64", "fp16", "{-1, +1} x mean|w| in groups of 64"),

@@ -190,7 +190,7 @@ def test_gptq_and_cli_write_a_checked_file(bert_dir, tmp_path, capsys):
 
 
 def test_bad_inputs_are_one_line_errors(bert_dir, tiny_llama_dir, tmp_path):
-    with pytest.raises(LowbitError, match="encoders"):
+    with pytest.raises(LowbitError, match="quantize it first"):
         export_onnx(OnnxExportOptions(model=str(tiny_llama_dir), out=str(tmp_path / "x.onnx"), **FAST))
     with pytest.raises(LowbitError, match="integer specs"):
         _build(bert_dir, mode="qdq", scheme="W4A16", weights="nf4:g32", **FAST)

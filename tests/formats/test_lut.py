@@ -61,6 +61,31 @@ def test_nf4_g64_matches_loop():
     assert torch.equal(dequantize(q), torch.tensor(levels)[q.codes.long()] * step)
 
 
+def test_nf4_double_quant_matches_loop():
+    """NF4-DQ: each block's absmax is stored as E4M3 under one fp32 tensor scale (448 / amax of the tensor)."""
+    from lowbit.schemes import get_scheme
+
+    spec = parse_spec(get_scheme("NF4-DQ").weights)
+    torch.manual_seed(2)
+    w = torch.randn(4, 128) * torch.logspace(-3, 0, 4)[:, None]  # rows of very different magnitude
+    q = quantize(w, spec)
+    gs = 448.0 / w.abs().max().item()
+    assert q.global_scale.item() == pytest.approx(gs, rel=1e-6)
+    assert q.scales.dtype == torch.float8_e4m3fn
+    levels = [F32(v) for v in NF4_LEVELS]
+    for r in range(4):
+        for g in range(2):
+            block = w[r, 64 * g : 64 * (g + 1)]
+            stored = torch.tensor(block.abs().max().item() * q.global_scale.item()).to(torch.float8_e4m3fn)
+            assert q.scales[r, g].view(torch.uint8) == stored.view(torch.uint8)
+            step = stored.float() / q.global_scale  # float32 division, as dequantize does
+            x = (block / step).tolist()
+            assert q.codes[r, 64 * g : 64 * (g + 1)].tolist() == [ref_nearest(v, levels, "down") for v in x]
+    # 4 bits per code + one byte per 64 codes (+ 32 bits per tensor) against 16 bits per 64 for fp16 absmax
+    stored_bits = q.codes.numel() * 4 + q.scales.numel() * 8 + 32
+    assert stored_bits / q.codes.numel() == pytest.approx(4.125 + 32 / 512)
+
+
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_log2_grid_and_codes_match_loop(bits):
     fmt = get_format(f"log2_{bits}")

@@ -30,8 +30,8 @@ import torch
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.export.hf_checkpoint import CheckpointSource, read_source, write_hf_folder
-from lowbit.export.holders import cannot_hold, check_integer_zeros
+from lowbit.export.hf_checkpoint import CheckpointSource, read_source, single_weight_spec, write_hf_folder
+from lowbit.export.holders import cannot_hold, check_integer_zeros, fp16_scales, unsigned_codes
 from lowbit.export.int32_packing import pack_cols_int32, pack_rows_int32
 from lowbit.formats.qtensor import QTensor
 from lowbit.formats.spec import QuantSpec
@@ -69,7 +69,7 @@ def module_tensors(name: str, qt: QTensor, checkpoint_format: str = "gptq") -> d
         if n * bits % 32:
             raise LowbitError(f"{name}: GPTQ packs {bits}-bit codes into 32-bit words, so the {what} size must be "
                               f"a multiple of {32 // math.gcd(bits, 32)}, got {n}; keep it in float (--ignore)")
-    codes, zeros = _unsigned(qt)
+    codes, zeros = unsigned_codes(qt)
     stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
     if int(stored_zeros.min()) < 0:
         raise LowbitError(f"{name}: a zero point of 0 cannot be stored in GPTQ v1 (it keeps z - 1); "
@@ -78,26 +78,9 @@ def module_tensors(name: str, qt: QTensor, checkpoint_format: str = "gptq") -> d
     return {
         "qweight": pack_cols_int32(codes.t().contiguous(), bits),
         "qzeros": pack_rows_int32(stored_zeros.t().contiguous(), bits),
-        "scales": _fp16_scales(name, qt.scales).t().contiguous(),
+        "scales": fp16_scales(name, qt.scales, "GPTQ").t().contiguous(),
         "g_idx": (torch.arange(in_features, dtype=torch.int32) // group).to(torch.int32),
     }
-
-
-def _unsigned(qt: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unsigned codes [out, in] and zero points [out, n_groups] (symmetric: codes + 2^(b-1), z = 2^(b-1))."""
-    if qt.zeros is not None:
-        return qt.codes.to(torch.int32), qt.zeros.to(torch.int32)
-    offset = 1 << (qt.spec.bits - 1)
-    return qt.codes.to(torch.int32) + offset, torch.full(tuple(qt.scales.shape), offset, dtype=torch.int32)
-
-
-def _fp16_scales(name: str, scales: torch.Tensor) -> torch.Tensor:
-    """Scales as float16, refusing values fp16 cannot hold exactly (GPTQ stores fp16 scales only)."""
-    half = scales.to(torch.float16)
-    if not torch.equal(half.to(torch.float32), scales.to(torch.float32)):
-        raise LowbitError(f"{name}: GPTQ stores float16 scales and these {scales.dtype} scales are not all exact in "
-                          "float16; re-quantize with fp16 scales (the default spec, no scale=...)")
-    return half
 
 
 def export_gptq(opts: GPTQOptions) -> dict:
@@ -105,12 +88,9 @@ def export_gptq(opts: GPTQOptions) -> dict:
     if opts.checkpoint_format not in VERSIONS:
         raise LowbitError(f"unknown GPTQ checkpoint format {opts.checkpoint_format!r}; use {' or '.join(VERSIONS)}")
     source = read_source(opts.checkpoint)
-    spec = _one_spec(source)
+    spec = single_weight_spec(source, "GPTQ")
     tensors: dict[str, torch.Tensor] = {}
     for name, module in source.modules.items():
-        if source.module_types[name] != "Linear":
-            raise LowbitError(f"{name}: GPTQ checkpoints quantize Linear layers only; keep this "
-                              f"{source.module_types[name]} in float (drop its rule)")
         for local, t in module_tensors(name, module.qtensor, opts.checkpoint_format).items():
             tensors[f"{name}.{local}"] = t
     qconfig = gptq_config(source, spec, opts.checkpoint_format)
@@ -118,24 +98,6 @@ def export_gptq(opts: GPTQOptions) -> dict:
                               extra_files={"quantize_config.json": qconfig}, force=opts.force)
     summary.update(bits=spec.bits, group_size=qconfig["group_size"], sym=spec.symmetric)
     return summary
-
-
-def _one_spec(source: CheckpointSource) -> QuantSpec:
-    """The single weight spec a GPTQ checkpoint is declared with; refuse mixes and activation quantization."""
-    if not source.modules:
-        raise LowbitError(f"{source.folder} has no quantized tensors; nothing to write as GPTQ")
-    with_act = [m.name for m in source.modules.values() if m.activation is not None]
-    if with_act:
-        raise LowbitError(f"GPTQ checkpoints are weight-only, but {len(with_act)} linears (e.g. {with_act[0]}) "
-                          "quantize their inputs; write `lowbit export hf` (compressed-tensors) instead")
-    keys = {(m.qtensor.spec.format, m.qtensor.spec.granularity, m.qtensor.spec.group_size, m.qtensor.spec.symmetric)
-            for m in source.modules.values()}
-    first = next(iter(source.modules.values())).qtensor.spec
-    if len(keys) > 1:
-        specs = sorted({str(m.qtensor.spec) for m in source.modules.values()})
-        raise LowbitError(f"a GPTQ checkpoint has one bit width and group size, but this one mixes {', '.join(specs)}; "
-                          "write `lowbit export hf` (compressed-tensors groups) instead")
-    return first
 
 
 def gptq_config(source: CheckpointSource, spec: QuantSpec, checkpoint_format: str) -> dict:

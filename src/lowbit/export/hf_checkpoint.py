@@ -1,10 +1,11 @@
-"""The side both Hugging Face exporters share: read a lowbit checkpoint folder, write a loadable HF folder.
+"""The side the Hugging Face exporters share: read a lowbit checkpoint folder, write a loadable HF folder.
 
-The exporters (compressed-tensors, GPTQ) consume only what ``lowbit quantize`` wrote: QTensors, float
+The exporters (compressed-tensors, GPTQ, AWQ) consume only what ``lowbit quantize`` wrote: QTensors, float
 tensors, activation specs and static input scales, config.json and the tokenizer files. They never
 quantize. Which modules are ``nn.Linear`` (needed for ``targets``/``ignore`` lists) is read from the model
 class transformers builds for config.json on the meta device, so no architecture is hand-listed here.
 The output folder is written atomically: nothing half-written remains when an exporter raises.
+GPTQ and AWQ declare one weight spec for the whole model (``single_weight_spec``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.formats.activation import ActivationSpec
 from lowbit.formats.qtensor import QTensor
+from lowbit.formats.spec import QuantSpec
 from lowbit.io_utils import atomic_directory
 from lowbit.model.checkpoint import WEIGHTS_FILE, read_input_quantizers, read_manifest, read_qtensors
 from lowbit.model.load import CAUSAL_LM
@@ -81,6 +83,31 @@ def read_source(folder: str | Path) -> CheckpointSource:
         modules[name] = QuantizedModule(name, qt, spec, scale)
     config = json.loads((folder / "config.json").read_text())
     return CheckpointSource(folder, manifest, config, modules, floats, module_types)
+
+
+def single_weight_spec(source: CheckpointSource, target: str) -> QuantSpec:
+    """The one weight spec a GPTQ or AWQ checkpoint is declared with.
+
+    Both formats hold weight-only quantized Linear layers with one bit width and group size for the whole
+    model; anything else is refused in one line that names the exporter that can write it.
+    """
+    if not source.modules:
+        raise LowbitError(f"{source.folder} has no quantized tensors; nothing to write as {target}")
+    for name in source.modules:
+        if source.module_types[name] != "Linear":
+            raise LowbitError(f"{name}: {target} checkpoints quantize Linear layers only; keep this "
+                              f"{source.module_types[name]} in float (drop its rule)")
+    with_act = [m.name for m in source.modules.values() if m.activation is not None]
+    if with_act:
+        raise LowbitError(f"{target} checkpoints are weight-only, but {len(with_act)} linears (e.g. {with_act[0]}) "
+                          "quantize their inputs; write `lowbit export hf` (compressed-tensors) instead")
+    keys = {(m.qtensor.spec.format, m.qtensor.spec.granularity, m.qtensor.spec.group_size, m.qtensor.spec.symmetric)
+            for m in source.modules.values()}
+    if len(keys) > 1:
+        specs = sorted({str(m.qtensor.spec) for m in source.modules.values()})
+        raise LowbitError(f"a {target} checkpoint has one bit width and group size, but this one mixes "
+                          f"{', '.join(specs)}; write `lowbit export hf` (compressed-tensors groups) instead")
+    return next(iter(source.modules.values())).qtensor.spec
 
 
 def _module_types(folder: Path, kind: str) -> dict[str, str]:

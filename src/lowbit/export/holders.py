@@ -3,9 +3,13 @@
 The Hugging Face exporters each say what they hold (``holds``); GGUF writes its own block types from the
 float model, so it is named for the number formats it has a type for. A spec no other format holds stays
 in lowbit's own checkpoint (``lowbit eval`` reads it; the fake-quant model runs anywhere transformers does).
+GPTQ and AWQ also share here how they store what they hold: unsigned codes with a zero point for every
+group, and scales that must be exact in float16.
 """
 
 from __future__ import annotations
+
+import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.qtensor import QTensor
@@ -25,13 +29,15 @@ GGUF_TYPES = {
 
 def formats_that_hold(spec: QuantSpec) -> list[str]:
     """Human-readable names of the output formats (with their command) that can store ``spec``."""
-    from lowbit.export import ct_formats, gptq
+    from lowbit.export import awq, ct_formats, gptq
 
     found = ["lowbit checkpoint (`lowbit quantize`)"]
     if any(f.holds(spec) for f in ct_formats.FORMATS):
         found.append("compressed-tensors (`lowbit export hf`)")
     if gptq.holds(spec):
         found.append("GPTQ (`lowbit export gptq`)")
+    if awq.holds(spec):
+        found.append("AWQ GEMM (`lowbit export awq`)")
     if spec.format in GGUF_TYPES:
         found.append(f"GGUF {GGUF_TYPES[spec.format]} (`lowbit export gguf`, from the float model)")
     return found
@@ -48,3 +54,24 @@ def check_integer_zeros(name: str, qt: QTensor, target: str) -> None:
     if qt.zeros is not None and qt.zeros.is_floating_point():
         raise LowbitError(f"{name}: its zero points are floats (method hqq), and {target} stores integer zero "
                           "points; re-quantize with --method rtn/gptq/awq, or keep the lowbit checkpoint")
+
+
+def unsigned_codes(qt: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsigned codes [out, in] and zero points [out, n_groups] (symmetric: codes + 2^(b-1), z = 2^(b-1)).
+
+    GPTQ and AWQ store unsigned codes with a zero point for every group, so a symmetric spec is written
+    with the zero point at the middle of the unsigned range: ``s * ((c + 2^(b-1)) - 2^(b-1)) = s * c``.
+    """
+    if qt.zeros is not None:
+        return qt.codes.to(torch.int32), qt.zeros.to(torch.int32)
+    offset = 1 << (qt.spec.bits - 1)
+    return qt.codes.to(torch.int32) + offset, torch.full(tuple(qt.scales.shape), offset, dtype=torch.int32)
+
+
+def fp16_scales(name: str, scales: torch.Tensor, target: str) -> torch.Tensor:
+    """Scales as float16, refusing values fp16 cannot hold exactly (GPTQ and AWQ store fp16 scales only)."""
+    half = scales.to(torch.float16)
+    if not torch.equal(half.to(torch.float32), scales.to(torch.float32)):
+        raise LowbitError(f"{name}: {target} stores float16 scales and these {scales.dtype} scales are not all exact "
+                          "in float16; re-quantize with fp16 scales (the default spec, no scale=...)")
+    return half

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
-from lowbit.model.load import ENCODER, LoadedModel, load_model
+from lowbit.model.load import CAUSAL_LM, ENCODER, LoadedModel, load_model
 
 MODES = ("float", "qdq", "int8")
 METHODS = ("rtn", "gptq")
@@ -176,8 +176,10 @@ def build_onnx(loaded: LoadedModel, opts: OnnxExportOptions, progress: bool = Fa
     from lowbit.model.apply import quantize_model
 
     require_onnx()
+    if loaded.kind == CAUSAL_LM:
+        return causal_lm_float_onnx(loaded, opts), None, {}
     if loaded.kind != ENCODER:
-        raise LowbitError(f"ONNX export handles encoders (e.g. minilm) for now; {loaded.source} is a {loaded.kind}")
+        raise LowbitError(f"ONNX export handles encoders and causal LMs; {loaded.source} is a {loaded.kind}")
     if opts.mode == "float":
         return with_inferred_shapes(trace_encoder(loaded.model, loaded.tokenizer, opts.opset)), None, {}
     needs_calibration = opts.method == "gptq" or (opts.token_linears and not opts.recipe_file)
@@ -193,6 +195,23 @@ def build_onnx(loaded: LoadedModel, opts: OnnxExportOptions, progress: bool = Fa
     proto = trace_encoder(quantized.model, loaded.tokenizer, opts.opset)
     lowering = lower_quantized(proto, quantized, integer=opts.mode == "int8")
     return with_inferred_shapes(proto), quantized, lowering
+
+
+def causal_lm_float_onnx(loaded: LoadedModel, opts: OnnxExportOptions):
+    """The float graph of a causal LM (input_ids -> logits). Quantized LM graphs are written from a lowbit
+    checkpoint, so that every method's codes (GPTQ, AWQ, ...) reach the graph unchanged."""
+    from lowbit.export.onnx_compact import share_transposed_tables, store_exact_fp16
+    from lowbit.export.onnx_graph import with_inferred_shapes
+    from lowbit.export.onnx_trace import trace_causal_lm
+
+    if opts.mode != "float":
+        raise LowbitError(f"{loaded.source} is a causal LM: quantize it first and export the checkpoint, e.g. "
+                          "'lowbit quantize --scheme W4A16 --method gptq --format lowbit,onnx' or "
+                          "'lowbit export onnx OUT_DIR'; --mode float writes its float graph")
+    proto = trace_causal_lm(loaded.model, opts.opset)
+    share_transposed_tables(proto)
+    store_exact_fp16(proto)
+    return with_inferred_shapes(proto)
 
 
 def export_onnx(opts: OnnxExportOptions, loaded: LoadedModel | None = None, progress: bool = False) -> dict[str, Any]:

@@ -1,14 +1,16 @@
 """Rewrite a traced graph so that each module lowbit quantized computes from its stored integer codes.
 
 Given the fake-quant model (a ``QuantizedModel``: QTensors plus attached input quantizers), every
-quantized linear becomes either an integer-kernel chain (``onnx_int8``) or a QDQ chain (``onnx_qdq``),
-and every quantized embedding a Gather over a DequantizeLinear table. Returns how each module was lowered.
+quantized linear becomes an integer-kernel chain (``onnx_int8``), a weight-only ``MatMulNBits`` node
+(``onnx_nbits``) or a QDQ chain (``onnx_qdq``), and every quantized embedding a Gather over a
+DequantizeLinear table. Returns how each module was lowered.
 """
 
 from __future__ import annotations
 
 from lowbit.export.onnx_graph import GraphEdit, inferred_types, set_opsets
 from lowbit.export.onnx_int8 import Int8Lowering, integer_kernel_ready
+from lowbit.export.onnx_nbits import nbits_linear, nbits_ready
 from lowbit.export.onnx_qdq import qdq_embedding, qdq_linear
 from lowbit.export.onnx_sites import ensure_node_names, find_sites
 from lowbit.export.onnx_weights import onnx_weight
@@ -16,12 +18,15 @@ from lowbit.model.act_quant import input_quantizers
 from lowbit.model.apply import QuantizedModel
 
 INT8 = "int8"
+NBITS = "matmulnbits"
 QDQ = "qdq"
 ABSENT = "absent"
 
 
-def lower_quantized(proto, quantized: QuantizedModel, integer: bool) -> dict[str, str]:
-    """Rewrite ``proto`` in place; ``integer`` picks MatMulInteger where the spec allows. Module -> lowering."""
+def lower_quantized(proto, quantized: QuantizedModel, integer: bool, matmul_nbits: bool = False,
+                    accuracy_level: int = 0) -> dict[str, str]:
+    """Rewrite ``proto`` in place; ``integer`` picks MatMulInteger where the spec allows, ``matmul_nbits``
+    MatMulNBits (at ``accuracy_level``) for weight-only linears it holds. Module -> lowering."""
     graph = proto.graph
     ensure_node_names(graph)
     modules = {pname.rsplit(".", 1)[0]: qt for pname, qt in quantized.qtensors.items()}
@@ -33,8 +38,12 @@ def lower_quantized(proto, quantized: QuantizedModel, integer: bool) -> dict[str
     position = {node.name: i for i, node in enumerate(graph.node)}
     # In graph order, so that nodes shared by several linears are placed before all of their users.
     for name, site in sorted(linears.items(), key=lambda item: position[item[1].matmul]):
-        weight = onnx_weight(modules[name], transpose=True, name=name)
         quantizer = quantizers.get(name)
+        if matmul_nbits and nbits_ready(modules[name], quantizer is not None):
+            nbits_linear(edit, site, modules[name], accuracy_level)
+            lowering[name] = NBITS
+            continue
+        weight = onnx_weight(modules[name], transpose=True, name=name)
         act = None if quantizer is None else quantizer.spec
         scale = None if quantizer is None or quantizer.scale is None else float(quantizer.scale)
         if integer and integer_kernel_ready(weight, act):

@@ -1,4 +1,5 @@
-"""Trace a float encoder into an ONNX graph whose one output is the mean-pooled sentence embedding.
+"""Trace a float model into ONNX: an encoder with one mean-pooled sentence embedding output, or a causal
+LM with ``input_ids`` in and ``logits`` out (the whole window, no KV cache).
 
 Mean pooling (attention-masked, as ``lowbit.eval.encoder.embed`` computes it) sits inside the graph, so
 an engine's output compares directly with ours. The TorchScript exporter (``dynamo=False``) is used: it
@@ -23,6 +24,7 @@ from lowbit.errors import LowbitError
 from lowbit.model.act_quant import InputQuantizer, attach_input_quantizer, input_quantizers
 
 EMBEDDING_OUTPUT = "embedding"
+LOGITS_OUTPUT = "logits"
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_OPSET = 21
 
@@ -40,6 +42,21 @@ class MeanPooledEncoder(nn.Module):
         hidden = self.model(**kwargs).last_hidden_state
         mask = kwargs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class LogitsOnly(nn.Module):
+    """``model``'s next-token logits for every position of ``input_ids`` (batch, sequence, vocab).
+
+    The all-ones attention mask is built inside the graph: without one, transformers probes position ids
+    for packed sequences with ``torch.diff``, which has no ONNX form.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
 
 
 def encoder_input_names(model: nn.Module, tokenizer) -> tuple[str, ...]:
@@ -99,5 +116,22 @@ def trace_encoder(model: nn.Module, tokenizer, opset: int = DEFAULT_OPSET):
         warnings.simplefilter("ignore")
         torch.onnx.export(MeanPooledEncoder(model, names).eval(), args, buffer, dynamo=False, opset_version=opset,
                           input_names=list(names), output_names=[EMBEDDING_OUTPUT], dynamic_axes=dynamic,
+                          do_constant_folding=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def trace_causal_lm(model: nn.Module, opset: int = DEFAULT_OPSET):
+    """The ONNX ModelProto of a causal LM (float; simulated quantizers ignored): input_ids -> logits."""
+    import onnx
+
+    if opset < 17:
+        raise LowbitError(f"ONNX export needs opset 17 or newer, got {opset}")
+    sample = torch.arange(16, dtype=torch.long).reshape(2, 8) % max(2, int(model.config.vocab_size))
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, LOGITS_OUTPUT: {0: "batch", 1: "sequence"}}
+    buffer = io.BytesIO()
+    with input_quantizers_paused(model), eager_attention(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LogitsOnly(model).eval(), (sample,), buffer, dynamo=False, opset_version=opset,
+                          input_names=["input_ids"], output_names=[LOGITS_OUTPUT], dynamic_axes=dynamic,
                           do_constant_folding=True)
     return onnx.load_from_string(buffer.getvalue())

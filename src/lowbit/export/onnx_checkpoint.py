@@ -1,0 +1,140 @@
+"""A lowbit checkpoint (causal LM or encoder) as an ONNX graph for onnxruntime, from its stored codes.
+
+Nothing is quantized again: the checkpoint's fake-quant model is traced (an LM: ``input_ids`` -> ``logits``,
+an encoder: mean-pooled embedding), each quantized module's nodes are rewritten from its QTensor
+(``onnx_lower``: weight-only integer linears as ``MatMulNBits``, W8A8 linears as integer kernels, the rest
+as QuantizeLinear/DequantizeLinear), then tied tables are shared and fp16-exact floats stored as fp16
+(``onnx_compact``). Whatever method made the checkpoint (RTN, GPTQ, AWQ, ...), the graph computes with
+exactly the weights lowbit evaluated. ``lowbit quantize --format onnx`` writes this beside its output.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.model.load import CAUSAL_LM
+
+MODES = ("int8", "qdq", "float")
+MODEL_FILE = "model.onnx"
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json")
+
+
+@dataclass(frozen=True)
+class OnnxCheckpointOptions:
+    """``mode``: int8 (integer kernels and MatMulNBits where they hold a module exactly, QDQ elsewhere),
+    qdq (QDQ everywhere), float (the fake-quant weights as float constants). ``matmul_nbits=False`` writes
+    weight-only linears as blocked DequantizeLinear instead of MatMulNBits; ``accuracy_level`` 4 lets
+    MatMulNBits quantize activations to int8 inside the kernel (faster, not what lowbit evaluated)."""
+
+    checkpoint: str
+    out: str | None = None
+    mode: str = "int8"
+    matmul_nbits: bool = True
+    accuracy_level: int = 0
+    opset: int = 21
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise LowbitError(f"unknown ONNX mode {self.mode!r} for a checkpoint; use one of {', '.join(MODES)}")
+        from lowbit.export.onnx_nbits import ACCURACY_LEVELS
+
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise LowbitError(f"MatMulNBits accuracy level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
+        if self.opset < 21:
+            raise LowbitError(f"ONNX export of a quantized checkpoint needs opset 21, got {self.opset}")
+
+
+def is_checkpoint(path: str | None) -> bool:
+    """Whether ``path`` is a folder written by ``lowbit quantize``."""
+    from lowbit.model.checkpoint import MANIFEST_FILE
+
+    return bool(path) and (Path(path) / MANIFEST_FILE).is_file()
+
+
+def checkpoint_onnx(opts: OnnxCheckpointOptions) -> tuple[Any, dict[str, str], dict[str, Any]]:
+    """(checked ModelProto, module -> lowering, manifest) for the checkpoint under ``opts``."""
+    from lowbit.export.onnx import require_onnx
+
+    require_onnx()
+    import onnx
+
+    from lowbit.export.onnx_compact import share_transposed_tables, store_exact_fp16
+    from lowbit.export.onnx_graph import with_inferred_shapes
+    from lowbit.export.onnx_lower import lower_quantized
+    from lowbit.export.onnx_trace import trace_causal_lm, trace_encoder
+    from lowbit.model.apply import QuantizedModel
+    from lowbit.model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_qtensors
+    from lowbit.recipe import load_recipe
+
+    folder = Path(opts.checkpoint)
+    model, tokenizer, manifest = load_checkpoint(folder)
+    if manifest.get("kind") == CAUSAL_LM:
+        proto = trace_causal_lm(model, opts.opset)
+    else:
+        proto = trace_encoder(model, tokenizer, opts.opset)
+    lowering: dict[str, str] = {}
+    if opts.mode != "float":
+        qtensors, _ = read_qtensors(folder / WEIGHTS_FILE)
+        recipe = load_recipe(folder / "recipe.yaml") if (folder / "recipe.yaml").is_file() else None
+        quantized = QuantizedModel(model=model, recipe=recipe, qtensors=qtensors)  # type: ignore[arg-type]
+        lowering = lower_quantized(proto, quantized, integer=opts.mode == "int8",
+                                   matmul_nbits=opts.mode == "int8" and opts.matmul_nbits,
+                                   accuracy_level=opts.accuracy_level)
+    share_transposed_tables(proto)
+    store_exact_fp16(proto)
+    proto = with_inferred_shapes(proto)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise LowbitError(f"the ONNX graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
+    return proto, lowering, manifest
+
+
+def export_onnx_checkpoint(opts: OnnxCheckpointOptions) -> dict[str, Any]:
+    """Write one .onnx file (atomically) for the checkpoint; returns a summary (path, bytes, lowering)."""
+    import onnx
+
+    from lowbit.io_utils import atomic_file
+
+    start = time.perf_counter()
+    out = Path(opts.out) if opts.out else Path(opts.checkpoint).with_suffix(".onnx")
+    if out.exists() and not opts.force:
+        raise LowbitError(f"output {out} already exists; choose another --out or pass --force to replace it")
+    proto, lowering, manifest = checkpoint_onnx(opts)
+    with atomic_file(out, force=opts.force) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return _summary(out, out, opts, lowering, manifest, start)
+
+
+def export_onnx_folder(checkpoint: str | Path, target: str | Path, force: bool = False) -> dict[str, Any]:
+    """``<target>/model.onnx`` plus the checkpoint's config and tokenizer files, written atomically."""
+    import onnx
+
+    from lowbit.io_utils import atomic_directory
+
+    start = time.perf_counter()
+    opts = OnnxCheckpointOptions(str(checkpoint), force=force)
+    proto, lowering, manifest = checkpoint_onnx(opts)
+    with atomic_directory(target, force=force) as tmp:
+        onnx.save_model(proto, str(tmp / MODEL_FILE))
+        for name in COPIED:
+            if (Path(checkpoint) / name).is_file():
+                shutil.copy2(Path(checkpoint) / name, tmp / name)
+    return _summary(Path(target), Path(target) / MODEL_FILE, opts, lowering, manifest, start)
+
+
+def _summary(path: Path, model_file: Path, opts: OnnxCheckpointOptions, lowering: dict[str, str],
+             manifest: dict, start: float) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for how in lowering.values():
+        counts[how] = counts.get(how, 0) + 1
+    return {"path": str(path), "format": "onnx", "bytes": model_file.stat().st_size, "mode": opts.mode,
+            "kind": manifest.get("kind"), "lowering": lowering, "lowered": counts, "opset": opts.opset,
+            "seconds": round(time.perf_counter() - start, 2)}
