@@ -31,7 +31,7 @@ from lowbit.model.apply import quantize_model
 from lowbit.model.checkpoint import WEIGHTS_FILE, write_checkpoint
 from lowbit.model.load import load_model
 from lowbit.pipeline.calibrated import quantize_calibrated
-from lowbit.workflow import QuantizeOptions, build_recipe, recipe_needs_calibration
+from lowbit.workflow import QuantizeOptions, cpu_has_bf16, build_recipe, recipe_needs_calibration
 
 W = dict(group_size=128, symmetric=False)
 ACT_ORDER = (("act_order", True),)
@@ -83,7 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-length", type=int, default=512)
-    parser.add_argument("--calib-dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--calib-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 where the CPU has native bf16 (AVX512-BF16/AMX), else fp32")
     parser.add_argument("--only", help="comma-separated substrings: run configs whose label or method contains one")
     parser.add_argument("--out", default="bench/RESULTS.md")
     args = parser.parse_args()
@@ -92,6 +93,8 @@ def main() -> None:
     ev = eval_windows(ids, 8, 512)
     calib = calibration_windows(ids, args.calib_samples, args.calib_length, ev.n_tokens).ids
     ref = lm_reference(loaded.model, ev.ids)
+    if args.calib_dtype == "auto":
+        args.calib_dtype = "bf16" if cpu_has_bf16() else "fp32"
     dtype = torch.bfloat16 if args.calib_dtype == "bf16" else torch.float32
     rows = []
     configs = [c for c in CONFIGS if not args.only or any(k in f"{c[0]} {c[1]}" for k in args.only.split(","))]

@@ -18,7 +18,7 @@ from results_file import write_section
 
 from lowbit.workflow import QuantizeOptions, quantize_job
 
-SCHEMES = ("W8A16", "FP8", "MXFP8", "NVFP4", "MXFP4", "FP4", "NF4", "W4A16", "LOG2", "TERNARY", "BINARY")
+SCHEMES = ("W8A16", "FP8", "MXFP8", "NVFP4", "MXFP4", "FP4", "NF4", "NF4-DQ", "W4A16", "LOG2", "TERNARY", "BINARY")
 TITLE = "## Every format scheme on all-MiniLM-L6-v2 (encoder, RTN)"
 
 

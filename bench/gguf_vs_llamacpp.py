@@ -44,9 +44,14 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--out", default="bench/out_gguf")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows in OUT/results.json and measure only the types missing there (the "
+                         "calibration is deterministic, so the resumed rows use the same statistics)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    done = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").is_file() else []
+    todo = [t for t in args.types.split(",") if t not in {r["type"] for r in done}]
     loaded = load_model(None)
     windows = eval_windows(tokenize(loaded.tokenizer, load_text(None)), args.windows, 512).ids
     f32 = out / "f32.gguf"
@@ -58,8 +63,8 @@ def main() -> None:
     t0 = time.perf_counter()
     calib = calibrate(opts, loaded, all_targets(loaded), progress=False) if args.method != "rtn" else None
     t_calib = time.perf_counter() - t0
-    rows = []
-    for type_name in args.types.split(","):
+    rows = list(done)
+    for type_name in todo:
         ours, theirs = out / f"lowbit-{type_name}.gguf", out / f"llamacpp-{type_name}.gguf"
         llama_quantize(f32, theirs, type_name)
         summary = export_gguf(GGUFExportOptions(**{**opts.__dict__, "type": type_name, "out": str(ours)}), False,
@@ -81,7 +86,9 @@ def write_results(rows: list[dict], args, t_calib: float, ppl_f32: float) -> Non
              f"{args.windows}x512 tokens of pydoc topics (lowbit.data.text eval windows). llama.cpp files: "
              "llama_model_quantize from that F32 file, no imatrix. lowbit files: method "
              f"`{args.method}`, {args.calib_samples}x512 calibration tokens drawn after the evaluation windows "
-             f"(calibration {t_calib:.0f} s, once for all types).",
+             f"(calibration {t_calib:.0f} s, once for all types)."
+             + (" Resumed: the rows already in results.json were measured by an earlier run of the same command "
+                "(same float file, same calibration windows)." if args.resume else ""),
              *([] if len(rows) == len(args.types.split(",")) else ["", f"(partial: {len(rows)} types so far)"]), "",
              "| type | llama.cpp MB | lowbit MB | size Δ | llama.cpp PPL | lowbit PPL | llama.cpp KLD | lowbit KLD | "
              "KLD ratio | llama.cpp top-1 | lowbit top-1 |", "|" + "---|" * 11]

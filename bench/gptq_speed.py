@@ -55,21 +55,31 @@ def run_lowbit(d: Path, dtype: str) -> None:
 
 def report(d: Path, out: Path, note: str = "") -> None:
     results = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
-    peer = next((r for r in results if r["tool"].startswith("GPTQModel")), None)
+    peers = [r for r in results if r["tool"].startswith("GPTQModel")]
+    peer = next((r for r in peers if "fp32" in r["tool"]), peers[0] if peers else None)
     title = "## GPTQ speed: lowbit vs GPTQModel (W4 g128, SmolLM2-135M, CPU)"
     lines = [title, "", "Commands: see `bench/gptq_speed.py` (prepare, gptqmodel_run.py, lowbit, report). Same float "
              "weights, same calibration token windows; seconds of quantization only, measured one after the other on "
-             "the 2-core machine. GPTQModel loads the model in bf16 on CPU (its 'Auto dtype'), so the like-for-like row is "
-             "lowbit with bf16 calibration passes.", "", "| tool | samples x length | seconds | speed-up vs GPTQModel |",
-             "| --- | --- | ---: | ---: |"]
+             f"the 2-core machine ({_cpu_name()}). GPTQModel picks bf16 on CPU unless pinned; on a CPU without native "
+             "bf16 (no AVX512-BF16/AMX) bf16 products are several times slower, so the like-for-like rows are the "
+             "ones with the same dtype. The speed-up column is against "
+             f"{peer['tool'] if peer else 'GPTQModel'}.", "",
+             "| tool | samples x length | seconds | speed-up |", "| --- | --- | ---: | ---: |"]
     for r in results:
-        ratio = f"{peer['seconds'] / r['seconds']:.1f}x" if peer and r is not peer else "-"
+        ratio = f"{peer['seconds'] / r['seconds']:.2f}x" if peer and r is not peer else "-"
         lines.append(f"| {r['tool']} | {r['samples']} x {r['length']} | {r['seconds']:.0f} | {ratio} |")
     if note:
         lines += ["", note]
     text = "\n".join(lines) + "\n"
     print(text)
     write_section(out, title, text)
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def main() -> None:

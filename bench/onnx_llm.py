@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/onnx_llm.py [--calib-samples 32] [--out bench/RESULTS_onnx.md]
 
-One lowbit checkpoint (W4A16 g128 asym, GPTQ with act-order, bf16 calibration passes) is written by
+One lowbit checkpoint (W4A16 g128 asym, GPTQ with act-order, calibration passes in the default dtype) is written by
 ``lowbit quantize --format lowbit,onnx``; its report holds lowbit's own evaluation of the same weights.
 The ONNX files: the float graph (``lowbit export onnx smollm2 --mode float``), the checkpoint with
 MatMulNBits at accuracy level 0 (float compute, what lowbit evaluated) and at level 4 (int8 activations
@@ -41,7 +41,7 @@ def main() -> None:
         tmp = Path(tmp)
         ckpt = tmp / "w4"
         run(["quantize", "--scheme", "W4A16", "--group-size", "128", "--asym", "--method", "gptq", "--act-order",
-             "--calib-samples", str(args.calib_samples), "--calib-dtype", "bf16", "--out", str(ckpt),
+             "--calib-samples", str(args.calib_samples), "--out", str(ckpt),
              "--format", "lowbit,onnx", "--json"])
         report = json.loads((ckpt / "report.json").read_text())
         run(["export", "onnx", "smollm2", "--mode", "float", "--out", str(tmp / "fp32.onnx"), "--json"])
@@ -73,7 +73,7 @@ def write(args, report: dict, rows: list, ppl_base: float) -> None:
     lines = [title, "",
              f"Command: `python {' '.join(sys.argv)}`. 8 x 512 tokens of pydoc topics; reference = the original "
              f"model in torch (PPL {ppl_base:.3f}). Checkpoint: `lowbit quantize --scheme W4A16 --group-size 128 "
-             f"--asym --method gptq --act-order --calib-samples {args.calib_samples} --calib-dtype bf16 --format "
+             f"--asym --method gptq --act-order --calib-samples {args.calib_samples} --format "
              "lowbit,onnx`; lowbit's own evaluation of it (torch, fake-quant): "
              f"PPL {ev['ppl']:.3f}, KLD {ev['kld']:.4f}, top-1 {ev['top1']:.4f}. The float weights are dequantized "
              "Q4_1 (asym 4-bit, blocks of 32), which flatters asymmetric 4-bit grids. tok/s: prompt processing, "
