@@ -61,8 +61,12 @@ def main() -> None:
     opts = GGUFExportOptions(method=args.method, calib_samples=args.calib_samples, force=True,
                              eval_tokens=windows.numel())
     t0 = time.perf_counter()
-    calib = calibrate(opts, loaded, all_targets(loaded), progress=False) if args.method != "rtn" else None
+    calib = calibrate(opts, loaded, all_targets(loaded), progress=False) if args.method != "rtn" and todo else None
     t_calib = time.perf_counter() - t0
+    if calib is not None:
+        (out / "calibration_seconds.json").write_text(json.dumps(t_calib))
+    elif (out / "calibration_seconds.json").is_file():  # resumed with nothing left to measure: only rewrite
+        t_calib = json.loads((out / "calibration_seconds.json").read_text())
     rows = list(done)
     for type_name in todo:
         ours, theirs = out / f"lowbit-{type_name}.gguf", out / f"llamacpp-{type_name}.gguf"
@@ -76,6 +80,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_results(rows, args, t_calib, ppl_f32)  # after every type: an interrupted run keeps what it measured
+    if not todo:
+        write_results(rows, args, t_calib, ppl_f32)
 
 
 def write_results(rows: list[dict], args, t_calib: float, ppl_f32: float) -> None:
@@ -87,8 +93,10 @@ def write_results(rows: list[dict], args, t_calib: float, ppl_f32: float) -> Non
              "llama_model_quantize from that F32 file, no imatrix. lowbit files: method "
              f"`{args.method}`, {args.calib_samples}x512 calibration tokens drawn after the evaluation windows "
              f"(calibration {t_calib:.0f} s, once for all types)."
-             + (" Resumed: the rows already in results.json were measured by an earlier run of the same command "
-                "(same float file, same calibration windows)." if args.resume else ""),
+             + (" Resumed: rows already in results.json come from an earlier run of the same command (same float "
+               "file and calibration windows; that run may have been on another machine, with bf16 calibration "
+               "passes where the CPU had native bf16), and the calibration time is the last run's." if args.resume
+               else ""),
              *([] if len(rows) == len(args.types.split(",")) else ["", f"(partial: {len(rows)} types so far)"]), "",
              "| type | llama.cpp MB | lowbit MB | size Δ | llama.cpp PPL | lowbit PPL | llama.cpp KLD | lowbit KLD | "
              "KLD ratio | llama.cpp top-1 | lowbit top-1 |", "|" + "---|" * 11]
