@@ -194,7 +194,7 @@ def test_quantize_several_formats_in_one_call(tmp_path, llama256, capsys, monkey
 
 
 @pytest.mark.parametrize("args,match", [(["--format", "gguf", "--method", "awq"], "--format gguf quantizes with"),
-                                        (["--format", "onnx"], "unknown output format onnx")])
+                                        (["--format", "tflite"], "unknown output format tflite")])
 def test_quantize_format_errors(tmp_path, tiny_llama_dir, capsys, args, match):
     out = tmp_path / "never"
     assert main(["quantize", str(tiny_llama_dir), *args, "--out", str(out)]) == 2
