@@ -21,9 +21,9 @@ from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export.awq import export_awq_folder, module_tensors
 from lowbit.formats.quantize import dequantize
-from lowbit.formats.spec import parse_spec
 from lowbit.model.checkpoint import read_qtensors
 from tests.conftest import TINY_VOCAB, make_tokenizer
+from tests.export.helpers import assert_export_refused, constant_qtensor, quantize_folder
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -81,15 +81,10 @@ CASES = {  # name: (model fixture, lowbit quantize arguments, expected group siz
 }
 
 
-def _quantize(model_dir: Path, out: Path, args: list[str]) -> Path:
-    assert main(["quantize", str(model_dir), *args, "--out", str(out), "--no-eval", "--json"]) == 0
-    return out
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_decoded_awq_weights_equal_ours(request, tmp_path, name):
     fixture, args, group, sym = CASES[name]
-    ckpt = _quantize(request.getfixturevalue(fixture), tmp_path / "lowbit", args)
+    ckpt = quantize_folder(request.getfixturevalue(fixture), tmp_path / "lowbit", args)
     out = tmp_path / "awq"
     summary = export_awq_folder(ckpt, out)
     assert (summary["bits"], summary["group_size"], summary["sym"]) == (4, group, sym)
@@ -115,7 +110,7 @@ def test_decoded_awq_weights_equal_ours(request, tmp_path, name):
 def test_quantization_config_and_transformers_awq_config(tiny_llama_dir, tmp_path):
     from transformers import AwqConfig
 
-    ckpt = _quantize(tiny_llama_dir, tmp_path / "lowbit", ["--scheme", "W4A16", "--group-size", "32", "--asym",
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "lowbit", ["--scheme", "W4A16", "--group-size", "32", "--asym",
                                                            "--ignore", "*.layers.1.mlp.up_proj"])
     out = tmp_path / "awq"
     assert main(["export", "awq", str(ckpt), "--out", str(out), "--json"]) == 0
@@ -144,27 +139,16 @@ def test_quantize_writes_awq_beside_the_lowbit_folder(tiny_llama_dir, tmp_path, 
     assert (qc["quant_method"], qc["group_size"], qc["version"]) == ("awq", 32, "gemm")
 
 
-def _qtensor(spec: str, rows: int, cols: int, zero: int | None):
-    from lowbit.formats.qtensor import QTensor
-
-    s = parse_spec(spec)
-    n_groups = -(-cols // s.group_size) if s.granularity == "group" else 1
-    scales = torch.full((rows, n_groups), 0.5, dtype=torch.float16)
-    zeros = None if zero is None else torch.full((rows, n_groups), zero, dtype=torch.int16)
-    codes = torch.zeros(rows, cols, dtype=torch.int16)
-    return QTensor(codes, scales, zeros, s, (rows, cols))
-
-
 def test_module_level_refusals():
-    assert module_tensors("m", _qtensor("int4:g32:asym", 32, 64, zero=0))["qzeros"].abs().sum() == 0  # z=0 is fine
+    assert module_tensors("m", constant_qtensor("int4:g32:asym", 32, 64, zero=0))["qzeros"].abs().sum() == 0  # z=0 is fine
     with pytest.raises(LowbitError, match="output size must be a multiple of 8, got 36"):
-        module_tensors("m", _qtensor("int4:g32", 36, 64, zero=None))
+        module_tensors("m", constant_qtensor("int4:g32", 36, 64, zero=None))
     with pytest.raises(LowbitError, match="input size 96 is not a multiple of 64"):
-        module_tensors("m", _qtensor("int4:g64", 32, 96, zero=None))
+        module_tensors("m", constant_qtensor("int4:g64", 32, 96, zero=None))
     with pytest.raises(LowbitError, match="int3:g32 cannot be written as AWQ GEMM, which holds int4"):
-        module_tensors("m", _qtensor("int3:g32", 32, 64, zero=None))
+        module_tensors("m", constant_qtensor("int3:g32", 32, 64, zero=None))
     with pytest.raises(LowbitError, match="formats that hold int4:b32x32"):
-        module_tensors("m", _qtensor("int4:b32x32", 32, 64, zero=None))
+        module_tensors("m", constant_qtensor("int4:b32x32", 32, 64, zero=None))
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -178,11 +162,6 @@ def test_module_level_refusals():
 ])
 def test_unsupported_checkpoints_fail_in_one_line_with_nothing_written(tiny_llama_dir, tmp_path, capsys, args,
                                                                        expected):
-    ckpt = _quantize(tiny_llama_dir, tmp_path / "lowbit", args)
-    capsys.readouterr()
-    (tmp_path / "exports").mkdir()
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "lowbit", args)
     out = tmp_path / "exports" / "awq"
-    assert main(["export", "awq", str(ckpt), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("lowbit: error: ") and expected in err
-    assert not any((tmp_path / "exports").iterdir())
+    assert_export_refused(["export", "awq", str(ckpt), "--out", str(out)], tmp_path / "exports", capsys, expected)

@@ -26,6 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.compressed_tensors import export_hf
 from lowbit.formats.quantize import dequantize
 from lowbit.model.checkpoint import load_checkpoint, read_qtensors
+from tests.export.helpers import assert_export_refused, quantize_folder
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
@@ -60,11 +61,6 @@ EXPECTED_FORMAT = {"w8a8-dynamic": "int-quantized", "w8a8-static": "int-quantize
 BF16_FORMATS = ("nvfp4", "mxfp4", "mxfp8")
 
 
-def _quantize(tiny_llama_dir: Path, out: Path, args: list[str]) -> Path:
-    assert main(["quantize", str(tiny_llama_dir), *args, "--out", str(out), "--no-eval", "--json"]) == 0
-    return out
-
-
 @pytest.fixture(scope="module")
 def exported(tiny_llama_dir, tmp_path_factory):
     """name -> (lowbit checkpoint, compressed-tensors folder), made on first use."""
@@ -74,7 +70,7 @@ def exported(tiny_llama_dir, tmp_path_factory):
         if name not in made:
             root = tmp_path_factory.mktemp(name)
             args, fmt = CASES[name]
-            ckpt = _quantize(tiny_llama_dir, root / "lowbit", args)
+            ckpt = quantize_folder(tiny_llama_dir, root / "lowbit", args)
             export_hf(ckpt, root / "ct", format=fmt or "auto")
             made[name] = (ckpt, root / "ct")
         return made[name]
@@ -195,14 +191,11 @@ def _round_like_compressed_tensors(model: torch.nn.Module, ckpt: Path) -> None:
 ])
 def test_unsupported_specs_fail_in_one_line_with_nothing_written(tiny_llama_dir, tmp_path, capsys, args, fmt,
                                                                   expected):
-    ckpt = _quantize(tiny_llama_dir, tmp_path / "lowbit", args)
-    capsys.readouterr()
-    (tmp_path / "exports").mkdir()
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "lowbit", args)
     out = tmp_path / "exports" / "ct"
-    assert main(["export", "hf", str(ckpt), "--out", str(out), "--format", fmt]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("lowbit: error: ") and expected in err
-    assert not out.exists() and not any((tmp_path / "exports").iterdir())
+    assert_export_refused(["export", "hf", str(ckpt), "--out", str(out), "--format", fmt], tmp_path / "exports",
+                          capsys, expected)
+    assert not out.exists()
 
 
 def test_cli_writes_the_folder_and_refuses_to_overwrite(exported, tmp_path, capsys):

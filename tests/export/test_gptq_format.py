@@ -11,7 +11,6 @@ W[o, i] = scales[g_idx[i], o] * (q[i, o] - z[g_idx[i], o]) must equal lowbit's d
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +20,8 @@ from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export.gptq import export_gptq_folder, module_tensors
 from lowbit.formats.quantize import dequantize
-from lowbit.formats.spec import parse_spec
 from lowbit.model.checkpoint import read_qtensors
+from tests.export.helpers import assert_export_refused, constant_qtensor, quantize_folder
 
 
 def _word_bits(word: int, start: int, count: int) -> int:
@@ -73,15 +72,10 @@ CASES = {  # name: (lowbit quantize arguments, expected bits, group size, sym)
 }
 
 
-def _quantize(tiny_llama_dir: Path, out: Path, args: list[str]) -> Path:
-    assert main(["quantize", str(tiny_llama_dir), *args, "--out", str(out), "--no-eval", "--json"]) == 0
-    return out
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_decoded_gptq_weights_equal_ours(tiny_llama_dir, tmp_path, name):
     args, bits, group, sym = CASES[name]
-    ckpt = _quantize(tiny_llama_dir, tmp_path / "lowbit", args)
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "lowbit", args)
     out = tmp_path / "gptq"
     summary = export_gptq_folder(ckpt, out)
     assert (summary["bits"], summary["group_size"], summary["sym"]) == (bits, group, sym)
@@ -105,7 +99,7 @@ def test_decoded_gptq_weights_equal_ours(tiny_llama_dir, tmp_path, name):
 def test_quantize_config_and_transformers_gptq_config(tiny_llama_dir, tmp_path):
     from transformers import GPTQConfig
 
-    ckpt = _quantize(tiny_llama_dir, tmp_path / "lowbit", ["--scheme", "W4A16", "--group-size", "32",
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "lowbit", ["--scheme", "W4A16", "--group-size", "32",
                                                            "--ignore", "*.layers.1.mlp.up_proj"])
     out = tmp_path / "gptq"
     assert main(["export", "gptq", str(ckpt), "--out", str(out)]) == 0
@@ -121,7 +115,7 @@ def test_quantize_config_and_transformers_gptq_config(tiny_llama_dir, tmp_path):
 
 
 def test_gptq_v2_stores_zeros_as_they_are(tiny_llama_dir, tmp_path):
-    ckpt = _quantize(tiny_llama_dir, tmp_path / "lowbit", ["--scheme", "W4A16", "--group-size", "32", "--asym"])
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "lowbit", ["--scheme", "W4A16", "--group-size", "32", "--asym"])
     out = tmp_path / "gptq2"
     export_gptq_folder(ckpt, out, checkpoint_format="gptq_v2")
     tensors = load_file(str(out / "model.safetensors"))
@@ -131,25 +125,14 @@ def test_gptq_v2_stores_zeros_as_they_are(tiny_llama_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "gptq_v2"
 
 
-def _qtensor(spec: str, rows: int, cols: int, zero: int | None):
-    from lowbit.formats.qtensor import QTensor
-
-    s = parse_spec(spec)
-    n_groups = -(-cols // s.group_size) if s.granularity == "group" else 1
-    scales = torch.full((rows, n_groups), 0.5, dtype=torch.float16)
-    zeros = None if zero is None else torch.full((rows, n_groups), zero, dtype=torch.int16)
-    codes = torch.zeros(rows, cols, dtype=torch.int16)
-    return QTensor(codes, scales, zeros, s, (rows, cols))
-
-
 def test_module_level_refusals():
     with pytest.raises(LowbitError, match="zero point of 0 cannot be stored in GPTQ v1"):
-        module_tensors("m", _qtensor("int4:g32:asym", 32, 64, zero=0))
-    assert module_tensors("m", _qtensor("int4:g32:asym", 32, 64, zero=0), "gptq_v2")["qzeros"].abs().sum() == 0
+        module_tensors("m", constant_qtensor("int4:g32:asym", 32, 64, zero=0))
+    assert module_tensors("m", constant_qtensor("int4:g32:asym", 32, 64, zero=0), "gptq_v2")["qzeros"].abs().sum() == 0
     with pytest.raises(LowbitError, match="input size must be a multiple of 32, got 48"):
-        module_tensors("m", _qtensor("int3:g16", 32, 48, zero=None))
+        module_tensors("m", constant_qtensor("int3:g16", 32, 48, zero=None))
     with pytest.raises(LowbitError, match="formats that hold int4:b32x32"):
-        module_tensors("m", _qtensor("int4:b32x32", 32, 64, zero=None))
+        module_tensors("m", constant_qtensor("int4:b32x32", 32, 64, zero=None))
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -162,11 +145,6 @@ def test_module_level_refusals():
 ])
 def test_unsupported_checkpoints_fail_in_one_line_with_nothing_written(tiny_llama_dir, tmp_path, capsys, args,
                                                                        expected):
-    ckpt = _quantize(tiny_llama_dir, tmp_path / "lowbit", args)
-    capsys.readouterr()
-    (tmp_path / "exports").mkdir()
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "lowbit", args)
     out = tmp_path / "exports" / "gptq"
-    assert main(["export", "gptq", str(ckpt), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("lowbit: error: ") and expected in err
-    assert not any((tmp_path / "exports").iterdir())
+    assert_export_refused(["export", "gptq", str(ckpt), "--out", str(out)], tmp_path / "exports", capsys, expected)

@@ -19,6 +19,7 @@ from lowbit.export.onnx_checkpoint import OnnxCheckpointOptions, export_onnx_che
 from lowbit.export.onnx_nbits import nbits_operands, nbits_ready  # noqa: E402
 from lowbit.formats import dequantize, parse_spec, quantize  # noqa: E402
 from lowbit.model.checkpoint import load_checkpoint  # noqa: E402
+from tests.export.helpers import quantize_folder  # noqa: E402
 
 
 def decode_matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: int, k: int,
@@ -61,11 +62,6 @@ def test_specs_matmulnbits_cannot_hold_are_refused(text):
     assert not nbits_ready(q, has_input_quantizer=False)
 
 
-def _checkpoint(tiny_llama_dir: Path, out: Path, args: list[str]) -> Path:
-    assert main(["quantize", str(tiny_llama_dir), *args, "--out", str(out), "--no-eval", "--json"]) == 0
-    return out
-
-
 def _ort_logits(path: Path, ids: torch.Tensor) -> np.ndarray:
     options = ort.SessionOptions()
     # onnxruntime fuses DequantizeLinear(int4 blocks) + MatMul into its own MatMulNBits, by default at
@@ -83,7 +79,7 @@ def _ort_logits(path: Path, ids: torch.Tensor) -> np.ndarray:
     (["--scheme", "W3A16", "--group-size", "32"], "qdq"),
 ])
 def test_onnxruntime_logits_match_the_fake_quant_model(tiny_llama_dir, tmp_path, args, lowered):
-    ckpt = _checkpoint(tiny_llama_dir, tmp_path / "q", args)
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "q", args)
     summary = export_onnx_checkpoint(OnnxCheckpointOptions(str(ckpt), str(tmp_path / "q.onnx")))
     assert set(summary["lowering"].values()) == {lowered} and len(summary["lowering"]) == 14
     model, _, _ = load_checkpoint(ckpt)
@@ -98,7 +94,7 @@ def test_onnxruntime_logits_match_the_fake_quant_model(tiny_llama_dir, tmp_path,
 
 
 def test_tied_table_is_stored_once_in_fp16(tiny_llama_dir, tmp_path):
-    ckpt = _checkpoint(tiny_llama_dir, tmp_path / "q", ["--scheme", "W4A16", "--group-size", "32"])
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "q", ["--scheme", "W4A16", "--group-size", "32"])
     export_onnx_checkpoint(OnnxCheckpointOptions(str(ckpt), str(tmp_path / "q.onnx")))
     proto = onnx.load(str(tmp_path / "q.onnx"))
     tables = [i for i in proto.graph.initializer if list(i.dims) in ([512, 96], [96, 512])]
@@ -112,7 +108,7 @@ def test_tied_table_is_stored_once_in_fp16(tiny_llama_dir, tmp_path):
 
 
 def test_qdq_mode_writes_blocked_dequantize_linear(tiny_llama_dir, tmp_path):
-    ckpt = _checkpoint(tiny_llama_dir, tmp_path / "q", ["--scheme", "W4A16", "--group-size", "32"])
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "q", ["--scheme", "W4A16", "--group-size", "32"])
     summary = export_onnx_checkpoint(OnnxCheckpointOptions(str(ckpt), str(tmp_path / "q.onnx"), mode="qdq"))
     assert set(summary["lowering"].values()) == {"qdq"}
     proto = onnx.load(str(tmp_path / "q.onnx"))
@@ -121,7 +117,7 @@ def test_qdq_mode_writes_blocked_dequantize_linear(tiny_llama_dir, tmp_path):
     assert len(blocked) == 14
 
 
-def test_quantize_format_onnx_writes_a_folder_beside_the_checkpoint(tiny_llama_dir, tmp_path, capsys):
+def test_quantize_format_onnx_writes_a_folder_beside_thequantize_folder(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "w4"
     assert main(["quantize", str(tiny_llama_dir), "--scheme", "W4A16", "--group-size", "32", "--out", str(out),
                  "--no-eval", "--format", "lowbit,onnx"]) == 0
@@ -148,7 +144,7 @@ def test_float_llm_cannot_be_quantized_by_the_encoder_path(tiny_llama_dir, tmp_p
 
 
 def test_cli_exports_a_checkpoint_with_int8_compute_kernels(tiny_llama_dir, tmp_path, capsys):
-    ckpt = _checkpoint(tiny_llama_dir, tmp_path / "q", ["--scheme", "W4A16", "--group-size", "32"])
+    ckpt = quantize_folder(tiny_llama_dir, tmp_path / "q", ["--scheme", "W4A16", "--group-size", "32"])
     capsys.readouterr()
     assert main(["export", "onnx", str(ckpt), "--accuracy-level", "4", "--out", str(tmp_path / "a4.onnx")]) == 0
     assert "14 matmulnbits" in capsys.readouterr().out
