@@ -157,6 +157,16 @@ def choose_token_linears(loaded: LoadedModel, opts: OnnxExportOptions, sentences
     return tuple(most_sensitive(losses, opts.token_linears))
 
 
+def check_graph(proto) -> None:
+    """onnx.checker's full check of ``proto``, its first complaint as a one-line error."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise LowbitError(f"the ONNX graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
 def require_onnx() -> None:
     """A one-line error when the optional ``onnx`` package is missing."""
     try:
@@ -200,7 +210,7 @@ def build_onnx(loaded: LoadedModel, opts: OnnxExportOptions, progress: bool = Fa
 def causal_lm_float_onnx(loaded: LoadedModel, opts: OnnxExportOptions):
     """The float graph of a causal LM (input_ids -> logits). Quantized LM graphs are written from a lowbit
     checkpoint, so that every method's codes (GPTQ, AWQ, ...) reach the graph unchanged."""
-    from lowbit.export.onnx_compact import share_transposed_tables, store_exact_fp16
+    from lowbit.export.onnx_compact import compact
     from lowbit.export.onnx_graph import with_inferred_shapes
     from lowbit.export.onnx_trace import trace_causal_lm
 
@@ -209,8 +219,7 @@ def causal_lm_float_onnx(loaded: LoadedModel, opts: OnnxExportOptions):
                           "'lowbit quantize --scheme W4A16 --method gptq --format lowbit,onnx' or "
                           "'lowbit export onnx OUT_DIR'; --mode float writes its float graph")
     proto = trace_causal_lm(loaded.model, opts.opset)
-    share_transposed_tables(proto)
-    store_exact_fp16(proto)
+    compact(proto)
     return with_inferred_shapes(proto)
 
 
@@ -227,10 +236,7 @@ def export_onnx(opts: OnnxExportOptions, loaded: LoadedModel | None = None, prog
         raise LowbitError(f"output {out} already exists; choose another --out or pass --force to replace it")
     loaded = loaded or load_model(opts.model or "minilm")
     proto, quantized, lowering = build_onnx(loaded, opts, progress=progress)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise LowbitError(f"the ONNX graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
+    check_graph(proto)
     with atomic_file(out, force=opts.force) as tmp:
         onnx.save_model(proto, str(tmp))
     return {"path": str(out), "bytes": out.stat().st_size, "mode": opts.mode,

@@ -60,12 +60,10 @@ def is_checkpoint(path: str | None) -> bool:
 
 def checkpoint_onnx(opts: OnnxCheckpointOptions) -> tuple[Any, dict[str, str], dict[str, Any]]:
     """(checked ModelProto, module -> lowering, manifest) for the checkpoint under ``opts``."""
-    from lowbit.export.onnx import require_onnx
+    from lowbit.export.onnx import check_graph, require_onnx
 
     require_onnx()
-    import onnx
-
-    from lowbit.export.onnx_compact import share_transposed_tables, store_exact_fp16
+    from lowbit.export.onnx_compact import compact
     from lowbit.export.onnx_graph import with_inferred_shapes
     from lowbit.export.onnx_lower import lower_quantized
     from lowbit.export.onnx_trace import trace_causal_lm, trace_encoder
@@ -87,13 +85,9 @@ def checkpoint_onnx(opts: OnnxCheckpointOptions) -> tuple[Any, dict[str, str], d
         lowering = lower_quantized(proto, quantized, integer=opts.mode == "int8",
                                    matmul_nbits=opts.mode == "int8" and opts.matmul_nbits,
                                    accuracy_level=opts.accuracy_level)
-    share_transposed_tables(proto)
-    store_exact_fp16(proto)
+    compact(proto)
     proto = with_inferred_shapes(proto)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise LowbitError(f"the ONNX graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
+    check_graph(proto)
     return proto, lowering, manifest
 
 

@@ -17,6 +17,12 @@ import numpy as np
 MIN_ELEMENTS = 4096  # smaller constants are not worth a node
 
 
+def compact(proto) -> None:
+    """Both rewrites, in the order that keeps the node list sorted (a shared Transpose may read a Cast)."""
+    share_transposed_tables(proto)
+    store_exact_fp16(proto)
+
+
 def share_transposed_tables(proto) -> list[str]:
     """Replace each 2-D float constant that equals another one's transpose by a Transpose node; returns them."""
     from onnx import helper, numpy_helper
