@@ -105,33 +105,24 @@ def _eval_options(args: argparse.Namespace):
     return EvalOptions(text=args.text, windows=args.windows, length=args.window_length, sentences=args.sentences)
 
 
-def _export_hf(folder: Path, force: bool) -> dict[str, Any]:
-    from lowbit.export.compressed_tensors import export_hf
-
-    return export_hf(folder, folder.with_name(f"{folder.name}-hf"), force=force)
-
-
-def _export_gptq(folder: Path, force: bool) -> dict[str, Any]:
-    from lowbit.export.gptq import export_gptq_folder
-
-    return export_gptq_folder(folder, folder.with_name(f"{folder.name}-gptq"), force=force)
-
-
-def _export_awq(folder: Path, force: bool) -> dict[str, Any]:
-    from lowbit.export.awq import export_awq_folder
-
-    return export_awq_folder(folder, folder.with_name(f"{folder.name}-awq"), force=force)
-
-
-def _export_onnx(folder: Path, force: bool) -> dict[str, Any]:
-    from lowbit.export.onnx_checkpoint import export_onnx_folder
-
-    return export_onnx_folder(folder, folder.with_name(f"{folder.name}-onnx"), force=force)
-
-
-# Formats written from lowbit's own output folder, beside it as <folder>-<format>.
-DERIVED_FORMATS = {"hf": _export_hf, "gptq": _export_gptq, "awq": _export_awq, "onnx": _export_onnx}
+# Formats written from lowbit's own output folder, beside it as <folder>-<format>: the exporter's module and
+# its function (folder, target, force=...) -> summary. Imported only when asked for (onnx is optional).
+DERIVED_FORMATS = {
+    "hf": ("lowbit.export.compressed_tensors", "export_hf"),
+    "gptq": ("lowbit.export.gptq", "export_gptq_folder"),
+    "awq": ("lowbit.export.awq", "export_awq_folder"),
+    "onnx": ("lowbit.export.onnx_checkpoint", "export_onnx_folder"),
+}
 OUTPUT_FORMATS = ("lowbit", "gguf", *DERIVED_FORMATS)
+
+
+def _export_derived(name: str, folder: Path, force: bool) -> dict[str, Any]:
+    """Write format ``name`` from the lowbit folder ``folder`` into ``<folder>-<name>``."""
+    import importlib
+
+    module, function = DERIVED_FORMATS[name]
+    export = getattr(importlib.import_module(module), function)
+    return export(folder, folder.with_name(f"{folder.name}-{name}"), force=force)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -146,7 +137,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if "lowbit" in formats or derived:
         out_dir = _quantize_lowbit(args)
         for name in derived:
-            summary = DERIVED_FORMATS[name](out_dir, args.force)
+            summary = _export_derived(name, out_dir, args.force)
             if not args.json:
                 print(f"wrote {summary['path']} ({summary['format']})")
 
