@@ -32,7 +32,7 @@ def _assert_clean_failure(capsys, out_dir: Path, *args, match: str) -> None:
 def test_quantize_writes_report_and_reloads(tmp_path, tiny_llama_dir, capsys):
     out = tmp_path / "w4"
     code, stdout, _ = _run(capsys, "quantize", tiny_llama_dir, "--scheme", "W4A16", "--group-size", "32", "--asym",
-                           "--out", out, "--json", *EVAL)
+                           "--embeddings", "keep", "--out", out, "--json", *EVAL)
     assert code == 0
     report = json.loads(stdout)
     assert report == json.loads((out / "report.json").read_text())
@@ -219,7 +219,10 @@ def test_stream_then_eval(tmp_path, tiny_llama_dir, capsys):
                            "--calib-samples", "4", "--calib-length", "64", "--out", out, "--json")
     assert code == 0
     report = json.loads(stdout)
-    assert report["streamed"] is True and report["eval"] is None and report["quantized_tensors"] == 14
+    # 14 linears and the token embedding (25% of the tiny Llama's weights: int8 per row by default)
+    assert report["streamed"] is True and report["eval"] is None and report["quantized_tensors"] == 15
+    assert report["seconds"]["load"] > 0 and report["peak_rss_mb"] > 0
+    assert report["embeddings"] == "int8:channel (default: 25% of weights)"
     code, stdout, _ = _run(capsys, "eval", out, "--json", *EVAL)
     assert code == 0 and json.loads(stdout)["eval"]["kld"] > 0
 

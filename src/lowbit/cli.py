@@ -11,6 +11,7 @@ from typing import Any
 from lowbit import __version__
 from lowbit.cli_export import add_export_parser
 from lowbit.errors import LowbitError
+from lowbit.memory import give_large_blocks_back
 
 EPILOG = """examples:
   lowbit quantize                                   # W4A16 g128 on the built-in SmolLM2-135M
@@ -65,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rule", action="append", default=[], metavar="PATTERN=SPEC",
                    help="give matching modules SPEC (or 'keep'); first match wins; repeatable")
     q.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="keep matching modules in float")
+    q.add_argument("--embeddings", metavar="int8|int4|keep|SPEC",
+                   help="token embedding: int8 (per row), int4 (groups of 32), keep, or a spec (default: int8 when "
+                        "it is over 20%% of the weights, else keep; GGUF mixes choose as llama.cpp does)")
+    q.add_argument("--lm-head", metavar="int8|int4|keep|SPEC",
+                   help="untied output head, as --embeddings (default keep; a tied head is the embedding)")
     q.add_argument("--recipe", help="YAML recipe file (rules, ignore, scheme, method)")
     q.add_argument("--out", help="output folder (default out/<model>-<scheme>...)")
     q.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -183,6 +189,8 @@ def _quantize_lowbit(args: argparse.Namespace) -> Path:
         method_options=tuple((k, v) for k, v in method_options.items() if v is not None),
         activations=args.act,
         stream=args.stream,
+        embeddings=args.embeddings,
+        lm_head=args.lm_head,
     )
     report, out_dir = quantize_job(opts, progress=not args.json)
     if args.json:
@@ -250,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    give_large_blocks_back()  # this process's allocator policy: freed large tensors go back to the OS
     try:
         (getattr(args, "handler", None) or COMMANDS[args.command])(args)
     except LowbitError as exc:

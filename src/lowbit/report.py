@@ -58,11 +58,23 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         console.print(f"[dim]evaluated on {ev['windows']} windows x {ev['window_length']} tokens of {ev['text']}; "
                       "KLD = mean KL(original || quantized) per token; bpw counts codes, scales and zeros "
                       "of the quantized weights; original size = source file on disk.[/dim]")
+    if report.get("embeddings"):
+        line = f"embeddings: {report['embeddings']}"
+        if report.get("lm_head"):
+            line += f"; lm_head: {report['lm_head']}"
+        ref = report.get("gguf_reference")
+        if ref:
+            line += (f"; {ref['type']} GGUF of the same model: {ref['tensor_bytes'] / 1e6:.1f} MB of tensors "
+                     f"({'not larger' if ref['not_larger'] else 'LARGER'} here)")
+        console.print(f"[dim]{line}.[/dim]")
     cal = report.get("calibration")
     if cal:
         console.print(f"[dim]calibration: {cal['samples']} samples x {cal['length']} tokens of {cal['text']} "
                       f"(from token {cal['first_token']} on, disjoint from the evaluation windows); "
                       f"peak RSS {report.get('peak_rss_mb', 0):.0f} MB.[/dim]")
+    load = (report.get("seconds") or {}).get("load")
+    if load is not None and report.get("peak_rss_mb"):
+        console.print(f"[dim]loaded in {load:.1f} s; peak RSS of the whole run {report['peak_rss_mb']:.0f} MB.[/dim]")
     if str(report.get("model", "")).endswith(".Q4_1.gguf"):
         console.print("[dim]note: this model's float weights are dequantized Q4_1 (asymmetric 4-bit, blocks of 32); "
                       "specs that re-quantize onto that grid look better here than on a true float model.[/dim]")

@@ -20,9 +20,12 @@ from lowbit.errors import LowbitError
 from lowbit.formats.activation import parse_activation_spec
 from lowbit.eval.encoder import compare_embeddings, embed
 from lowbit.eval.lm import compare_lm, lm_reference
+from lowbit.eval.estimate import gguf_bytes, recipe_bytes
 from lowbit.eval.size import quantized_bits_per_weight
 from lowbit.io_utils import atomic_directory
 from lowbit.model.apply import QuantizedModel, quantize_model
+from lowbit.model.embeddings import EmbeddingPlan, HeadOptions, plan_embeddings
+from lowbit.model.finite import check_forward, check_parameters, check_quantized, probe_inputs
 from lowbit.model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_manifest, write_checkpoint
 from lowbit.methods import needs_calibration
 from lowbit.model.load import CAUSAL_LM, LoadedModel, load_model
@@ -77,6 +80,8 @@ class QuantizeOptions:
     method_options: tuple[tuple[str, object], ...] = ()
     activations: str | None = None
     stream: bool = False
+    embeddings: str | None = None  # int8 | int4 | keep | a spec; None: default (lowbit.model.embeddings)
+    lm_head: str | None = None
 
 
 def build_recipe(opts: QuantizeOptions) -> Recipe:
@@ -155,6 +160,9 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
     if opts.stream:
         return _stream_job(opts, recipe, out_dir, progress)
     loaded = load_model(opts.model)
+    check_parameters(loaded.model)  # NaN/Inf weights: say which before evaluating or calibrating anything
+    heads = plan_heads(opts, recipe, loaded.model)
+    recipe = heads.recipe
     t_load = time.perf_counter() - t0
     evaluator = Evaluator(loaded.kind, loaded.tokenizer, opts.eval, progress) if opts.evaluate else None
     t1 = time.perf_counter()
@@ -170,6 +178,10 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
         qm = quantize_model(loaded.model, recipe, progress)
     if not qm.qtensors and recipe.rules and any(r.spec for r in recipe.rules):
         raise LowbitError("the recipe's rules matched no weight of this model; check the targets")
+    check_quantized(qm, probe_inputs(loaded.kind, loaded.tokenizer,
+                                     evaluator.text if evaluator else load_text(opts.eval.text)))
+    if calibration is not None:
+        calibration["fp32_blocks"] = qm.fp32_blocks
     with atomic_directory(out_dir, force=opts.force) as tmp:
         write_checkpoint(qm, tmp, loaded.model.config, loaded.tokenizer, _manifest(loaded, recipe))
         save_recipe(recipe, tmp / "recipe.yaml")
@@ -179,6 +191,7 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
         report = _report(loaded, qm, tmp, metrics, {"load": t_load, "quantize": qm.seconds, "eval": t_eval})
         report["calibration"] = calibration
         report["peak_rss_mb"] = peak_rss_mb()
+        report.update(heads_report(heads, qm, loaded.model, report["size_bytes"]))
         write_report(report, tmp / "report.json")
     return report, out_dir
 
@@ -228,16 +241,23 @@ def _stream_job(opts: QuantizeOptions, recipe: Recipe, out_dir: Path, progress: 
     path = resolve_source(opts.model)
     if not path.is_dir():
         raise LowbitError(f"--stream reads a Hugging Face safetensors folder; {path} is not one")
+    t0 = time.perf_counter()
     source = StreamingSource(path)
     loaded = LoadedModel(source.model, AutoTokenizer.from_pretrained(str(path)), source.kind, str(path), source_size(path))
+    t_load = time.perf_counter() - t0  # config, tokenizer and the weights outside the blocks
+    heads = plan_heads(opts, recipe, source.model)
+    recipe = heads.recipe
     calib_ids, calibration = _calibration_samples(loaded, opts)
     qm = quantize_calibrated(source.model, recipe, calib_ids, opts.calibration.batch_size, progress, source=source,
                              compute_dtype=_compute_dtype(opts))
+    check_quantized(qm, None)  # the blocks' weights are released; each quantized block's outputs were checked
+    calibration["fp32_blocks"] = qm.fp32_blocks
     with atomic_directory(out_dir, force=opts.force) as tmp:
         write_checkpoint(qm, tmp, source.config, loaded.tokenizer, _manifest(loaded, recipe))
         save_recipe(recipe, tmp / "recipe.yaml")
-        report = _report(loaded, qm, tmp, None, {"quantize": qm.seconds})
+        report = _report(loaded, qm, tmp, None, {"load": t_load, "quantize": qm.seconds})
         report.update(calibration=calibration, peak_rss_mb=peak_rss_mb(), streamed=True)
+        report.update(heads_report(heads, qm, source.model, report["size_bytes"]))
         write_report(report, tmp / "report.json")
     return report, out_dir
 
@@ -254,6 +274,8 @@ def eval_job(out_dir: str | Path, opts: EvalOptions, progress: bool = True) -> d
     evaluator.observe_original(original.model)
     del original
     model, _, _ = load_checkpoint(out_dir)
+    check_forward(model, probe_inputs(evaluator.kind, evaluator.tokenizer, evaluator.text), f"the checkpoint {out_dir}",
+                  written=False)
     metrics = evaluator.compare(model)
     bpw = quantized_bits_per_weight(out_dir / WEIGHTS_FILE)
     return {
@@ -285,6 +307,37 @@ def _report(loaded: LoadedModel, qm: QuantizedModel, out: Path, metrics, seconds
         "quantized_tensors": len(qm.qtensors), "quantized_weights": sum(q.numel for q in qm.qtensors.values()),
         "eval": metrics, "seconds": seconds, "lowbit_version": __version__,
     }
+
+
+REFERENCE_GGUF = "Q4_K_M"  # a 4-bit output is never larger than this GGUF mix of the same model
+
+
+def _size_bound(recipe: Recipe, model: torch.nn.Module) -> int | None:
+    """Tensor bytes of the Q4_K_M GGUF of ``model`` when the recipe's main spec has 4 bits or fewer, else None."""
+    specs = [r.spec for r in recipe.rules if r.spec is not None]
+    if not specs or specs[-1].bits > 4:
+        return None
+    reference = gguf_bytes(model, REFERENCE_GGUF)
+    return None if reference is None else reference["bytes"]
+
+
+def plan_heads(opts: QuantizeOptions, recipe: Recipe, model: torch.nn.Module) -> EmbeddingPlan:
+    """The recipe with rules for the token embedding and output head (flags, or the default, which for 4-bit
+    schemes stays within the Q4_K_M GGUF size)."""
+    bound = _size_bound(recipe, model)
+    fits = None if bound is None else (lambda r: recipe_bytes(model, r) <= bound)
+    return plan_embeddings(recipe, model, HeadOptions(opts.embeddings, opts.lm_head), fits)
+
+
+def heads_report(heads: EmbeddingPlan, qm: QuantizedModel, model: torch.nn.Module, size: int) -> dict[str, Any]:
+    """report.json's ``embeddings``/``lm_head`` (what they got and why) and, for 4-bit schemes,
+    ``gguf_reference``: the Q4_K_M GGUF's tensor bytes next to the bytes written."""
+    out: dict[str, Any] = heads.describe(qm.qtensors)
+    bound = _size_bound(qm.recipe, model)
+    if bound is not None:
+        out["gguf_reference"] = {"type": REFERENCE_GGUF, "tensor_bytes": bound, "output_bytes": size,
+                                 "not_larger": size <= bound}
+    return out
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

@@ -45,3 +45,26 @@ def test_metrics_match_hand_formulas():
     assert m["ppl"] == pytest.approx(math.exp(float(-q.gather(-1, targets).mean())), rel=1e-5)
     assert m["kld"] == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-5)
     assert m["top1"] == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).float().mean()))
+
+
+def test_reference_logprobs_are_spilled_and_read_back_exactly():
+    torch.manual_seed(2)
+    model = TableLM(torch.randn(13, 13))
+    windows = torch.randint(0, 13, (4, 10))
+    ref = lm_reference(model, windows, progress=False)
+    assert not isinstance(ref.logprobs, list) and len(ref.logprobs) == 4
+    expected = torch.log_softmax(model.table.detach()[windows[:, :-1]], -1)
+    for i, lp in enumerate(ref.logprobs):
+        assert torch.equal(lp, expected[i])
+    assert torch.equal(ref.logprobs[-1], expected[3]) and len(ref.logprobs[1:3]) == 2
+
+
+def test_reference_held_in_a_plain_list_gives_the_same_metrics():
+    from lowbit.eval.lm import LMReference
+
+    torch.manual_seed(3)
+    base, other = TableLM(torch.randn(9, 9)), TableLM(torch.randn(9, 9))
+    windows = torch.randint(0, 9, (3, 200))
+    ref = lm_reference(base, windows, progress=False)
+    in_memory = LMReference(windows=windows, logprobs=list(ref.logprobs), nll_sum=ref.nll_sum)
+    assert compare_lm(other, ref, progress=False) == compare_lm(other, in_memory, progress=False)

@@ -13,7 +13,12 @@ from lowbit.formats.qtensor import QTensor
 
 
 def quantize_folder(model_dir: Path, out: Path, args: list[str]) -> Path:
-    """``lowbit quantize MODEL ARGS --out OUT`` without evaluation; returns OUT."""
+    """``lowbit quantize MODEL ARGS --out OUT`` without evaluation; returns OUT. The token embedding stays in
+    float unless ARGS say ``--embeddings`` (the tiny Llama's is 25% of its weights, so by default it would be
+    int8), so that these tests check the exporters' linears; tests/export/test_embeddings_export.py covers
+    quantized embeddings."""
+    if "--embeddings" not in args:
+        args = [*args, "--embeddings", "keep"]
     assert main(["quantize", str(model_dir), *args, "--out", str(out), "--no-eval", "--json"]) == 0
     return out
 

@@ -187,7 +187,6 @@ def _round_like_compressed_tensors(model: torch.nn.Module, ckpt: Path) -> None:
     (["--scheme", "LOG2"], "auto", "cannot be written as compressed-tensors"),
     (["--scheme", "W4A16", "--group-size", "64"], "auto", "re-quantize with --group-size 32"),
     (["--scheme", "FP8"], "pack-quantized", "cannot be written as compressed-tensors pack-quantized"),
-    (["--scheme", "W8A16", "--rule", "model.embed_tokens=int8:channel"], "auto", "keep this Embedding in float"),
 ])
 def test_unsupported_specs_fail_in_one_line_with_nothing_written(tiny_llama_dir, tmp_path, capsys, args, fmt,
                                                                   expected):

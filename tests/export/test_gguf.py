@@ -132,18 +132,19 @@ def _assert_nothing_written(out: Path) -> None:
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_llama_dir, llama256, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     out = tmp_path / "bad.gguf"
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=512)).save_pretrained(str(gpt2))
-    make_tokenizer(default_text()).save_pretrained(str(gpt2))
+    neox = tmp_path / "neox"  # a family without an architecture-table entry
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=2)).save_pretrained(str(neox))
+    make_tokenizer(default_text()).save_pretrained(str(neox))
     narrow = _save_llama(tmp_path / "narrow", 64, 80)  # ffn_down rows of 80: no 32-value block fits
     imatrix = tmp_path / "other.imatrix"
     export_gguf(GGUFExportOptions(model=str(llama256), type="Q4_0", out=str(tmp_path / "ok.gguf"),
                                   method="imatrix", imatrix=str(imatrix), **CALIB), progress=False)
     assert imatrix.is_file()
-    cases = [([str(gpt2), "--type", "Q4_0"], "does not support architecture"),
+    cases = [([str(neox), "--type", "Q4_0"], "needs an architecture-table entry"),
              ([str(narrow), "--type", "Q4_0", "--method", "rtn"], "no fallback"),
              ([str(tiny_llama_dir), "--type", "Q4_0", "--method", "imatrix", "--imatrix", str(imatrix)],
               "made for another model"),

@@ -141,7 +141,6 @@ def test_module_level_refusals():
     (["--scheme", "NF4", "--group-size", "32"], "nf4:g32 cannot be written as GPTQ"),
     (["--scheme", "W4A16", "--group-size", "32", "--method", "hqq", "--asym"], "zero points are floats"),
     (["--scheme", "W4A16", "--rule", "Linear=int4:g32:scale=fp32"], "not all exact in float16"),
-    (["--scheme", "W8A16", "--rule", "model.embed_tokens=int8:channel"], "keep this Embedding in float"),
 ])
 def test_unsupported_checkpoints_fail_in_one_line_with_nothing_written(tiny_llama_dir, tmp_path, capsys, args,
                                                                        expected):

@@ -41,3 +41,13 @@ def test_matrix_round_trip_keeps_row_major_order():
     codes = torch.arange(-8, 8, dtype=torch.int16).repeat(6).reshape(8, 12)
     back = unpack_codes(pack_codes(codes, 4, True), 4, True, codes.numel()).reshape(8, 12)
     assert torch.equal(back, codes)
+
+
+def test_packing_in_chunks_gives_the_same_bytes(monkeypatch):
+    from lowbit.formats import packing
+
+    codes = torch.randint(-8, 8, (10_001,), dtype=torch.int16)
+    whole = packing.pack_codes(codes, 4, signed=True)
+    monkeypatch.setattr(packing, "_PACK_CHUNK", 1024)
+    assert torch.equal(packing.pack_codes(codes, 4, signed=True), whole)
+    assert torch.equal(packing.unpack_codes(whole, 4, True, codes.numel()), codes)

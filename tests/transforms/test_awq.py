@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowbit.arch import family_of
 from lowbit.formats import fake_quantize, parse_spec
 from lowbit.observers.input_stats import InputStats
 from lowbit.pipeline.layers import capture_inputs, find_blocks, run_block
@@ -24,7 +25,7 @@ def _block_io(model, n=4, length=32):
 def test_mappings_skip_v_to_o_under_grouped_query_attention():
     model = make_tiny_llama()
     _, blocks = find_blocks(model)
-    producers = [m.producer for m, _, _ in applicable_mappings(blocks[0])]
+    producers = [m.producer for m, _, _ in applicable_mappings(blocks[0], family_of(model).scale_pairs)]
     assert producers == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
 
 
@@ -42,7 +43,7 @@ def test_folding_scales_keeps_the_float_model(kind):
     for block in blocks:
         targets = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
         stats, _ = observe_block(block, targets, inputs)
-        for mapping, producer, consumers in applicable_mappings(block):
+        for mapping, producer, consumers in applicable_mappings(block, family_of(model).scale_pairs):
             st = stats[mapping.consumers[0]]
             weights = [c.weight.data for c in consumers]
             if kind == "awq":

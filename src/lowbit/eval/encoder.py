@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.model.finite import check_metrics
+
 
 @torch.inference_mode()
 def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128,
@@ -25,4 +27,4 @@ def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 3
 def compare_embeddings(reference: torch.Tensor, embeddings: torch.Tensor) -> dict[str, float]:
     """Mean and minimum per-sentence cosine similarity to the reference embeddings."""
     cos = torch.nn.functional.cosine_similarity(reference, embeddings, dim=-1)
-    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+    return check_metrics({"cosine": float(cos.mean()), "cosine_min": float(cos.min())})

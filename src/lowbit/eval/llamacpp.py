@@ -13,16 +13,22 @@ import torch
 from lowbit.errors import LowbitError
 
 
-def gguf_logprobs(path: str | Path, windows: torch.Tensor, threads: int | None = None) -> list[torch.Tensor]:
-    """Per window (length L), llama.cpp's log-probabilities [L-1, vocab] of the next token at each position."""
+def gguf_logprobs(path: str | Path, windows: torch.Tensor, threads: int | None = None,
+                  f32_cache: bool = False) -> list[torch.Tensor]:
+    """Per window (length L), llama.cpp's log-probabilities [L-1, vocab] of the next token at each position.
+
+    ``f32_cache`` keeps llama.cpp's KV cache in F32 instead of its default F16 (which alone moves log-probs by
+    ~2e-3): for checking that a file computes exactly what the float model does.
+    """
     try:
         import llama_cpp
     except ImportError:
         raise LowbitError("evaluating in llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from None
     length = int(windows.shape[1])
     try:
+        cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
         llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=length, n_batch=length,
-                              n_threads=threads or min(2, os.cpu_count() or 1), verbose=False)
+                              n_threads=threads or min(2, os.cpu_count() or 1), verbose=False, **cache)
     except ValueError as exc:
         raise LowbitError(f"llama.cpp cannot load {path}: {exc}") from None
     out = []

@@ -2,17 +2,69 @@
 
 The original's next-token log-probabilities are computed once (``lm_reference``) and kept, so the
 original model can be freed (or changed in place into its quantized twin) before ``compare_lm`` runs.
+They are kept exactly (fp32) but not in memory: each window's [length - 1, vocab] block is written to an
+anonymous temporary file and read back one window at a time (8 windows x 511 x 262k vocab would be 4.3 GB).
 KL divergence is KL(original || quantized) per position, averaged over all predicted positions.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from lowbit.model.finite import check_metrics
+
+_ROWS = 64  # positions per step of the KLD/top-1 sums: bounds the [rows, vocab] temporaries
+
+
+class LogprobStore(Sequence):
+    """Float32 tensors appended one by one to an anonymous temporary file (plain writes, so the data is not
+    part of the process's memory) and read back one at a time. The file has no name and disappears when the
+    store is closed or collected, or when the process ends."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="lowbit-logprobs-")
+        self._index: list[tuple[int, tuple[int, ...]]] = []
+
+    def append(self, tensor: torch.Tensor) -> None:
+        array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+        offset = self._file.seek(0, 2)
+        self._file.write(array.data)
+        self._index.append((offset, tuple(array.shape)))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        offset, shape = self._index[i]
+        return self._read(offset, shape)
+
+    def row_blocks(self, i: int, rows: int):
+        """Tensor ``i`` (at least 1-D) in blocks of ``rows`` leading rows, each read from the file when asked for."""
+        offset, shape = self._index[i]
+        row_bytes = 4 * math.prod(shape[1:])
+        for start in range(0, shape[0], rows):
+            n = min(rows, shape[0] - start)
+            yield self._read(offset + start * row_bytes, (n, *shape[1:]))
+
+    def _read(self, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.float32)
+        self._file.seek(offset)
+        view = out.numpy().data.cast("B")
+        if self._file.readinto(view) != len(view):
+            raise OSError("the temporary file of reference log-probabilities was cut short")
+        return out
+
+    def close(self) -> None:
+        self._file.close()
 
 
 @dataclass
@@ -20,7 +72,7 @@ class LMReference:
     """The original model's log-probabilities on each evaluation window, and its summed NLL."""
 
     windows: torch.Tensor
-    logprobs: list[torch.Tensor]
+    logprobs: Sequence[torch.Tensor]  # a LogprobStore from lm_reference: read one window at a time
     nll_sum: float
 
     @property
@@ -35,8 +87,12 @@ class LMReference:
 def window_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Log-probabilities (float32, [length - 1, vocab]) of the next token at every position of one window."""
     device = next(model.parameters()).device
-    logits = model(input_ids=ids[None].to(device)).logits[0, :-1]
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    logits = model(input_ids=ids[None].to(device)).logits[0, :-1].float()
+    # Row by row into the logits' own memory (log_softmax is per row, so the values are the same as in one
+    # call): no second [length, vocab] tensor.
+    for rows in logits.split(_ROWS):
+        rows.copy_(torch.log_softmax(rows, dim=-1))
+    return logits.cpu()
 
 
 def _nll(logprobs: torch.Tensor, ids: torch.Tensor) -> float:
@@ -46,11 +102,12 @@ def _nll(logprobs: torch.Tensor, ids: torch.Tensor) -> float:
 @torch.inference_mode()
 def lm_reference(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> LMReference:
     """Run the original model over the windows and keep what comparisons need."""
-    logprobs, nll = [], 0.0
+    logprobs, nll = LogprobStore(), 0.0
     for ids in tqdm(windows, desc="eval original", disable=not progress):
         lp = window_logprobs(model, ids)
         logprobs.append(lp)
         nll += _nll(lp, ids)
+    check_metrics({"nll": nll}, "the original model")
     return LMReference(windows=windows, logprobs=logprobs, nll_sum=nll)
 
 
@@ -58,10 +115,15 @@ def lm_reference(model: nn.Module, windows: torch.Tensor, progress: bool = True)
 def compare_lm(model: nn.Module, ref: LMReference, progress: bool = True) -> dict[str, float]:
     """Perplexities of original and ``model``, mean KL(original || model) and top-1 agreement."""
     nll = kld = agree = 0.0
-    for ids, base in tqdm(list(zip(ref.windows, ref.logprobs)), desc="eval quantized", disable=not progress):
+    for i, ids in enumerate(tqdm(ref.windows, desc="eval quantized", disable=not progress)):
         lp = window_logprobs(model, ids)
         nll += _nll(lp, ids)
-        kld += float((base.exp() * (base - lp)).sum())
-        agree += float((base.argmax(-1) == lp.argmax(-1)).sum())
+        # The original's rows are read a block at a time, after the forward pass: the peaks do not add up.
+        store = ref.logprobs
+        blocks = store.row_blocks(i, _ROWS) if isinstance(store, LogprobStore) else store[i].split(_ROWS)
+        for b, q in zip(blocks, lp.split(_ROWS)):
+            kld += float((b.exp() * (b - q)).sum())
+            agree += float((b.argmax(-1) == q.argmax(-1)).sum())
+        del lp
     n = ref.n_predictions
-    return {"ppl_base": ref.ppl, "ppl": math.exp(nll / n), "kld": kld / n, "top1": agree / n}
+    return check_metrics({"ppl_base": ref.ppl, "ppl": math.exp(nll / n), "kld": kld / n, "top1": agree / n})

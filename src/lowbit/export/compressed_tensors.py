@@ -7,15 +7,20 @@ layout of its storage format (ct_formats.py), float tensors as stored, and confi
 ``quantization_status`` "compressed"). Modules sharing one (weight spec, activation spec, format) form one
 config group; a single group targets ``Linear`` and ignores the linears kept in float, several groups
 target module names. Static activation scales are written as ``<module>.input_scale``. Only Linear
-layers are written quantized (transformers cannot load a quantized, tied Embedding). Specs no
+layers are written quantized: a quantized token embedding or output head is written dequantized (see
+``hf_checkpoint``; transformers cannot load a quantized Embedding, vLLM does not quantize the head). Specs no
 compressed-tensors format holds (ternary, NF4, log2, fp8_e5m2, ...) and groups that do not divide a row
-are refused with a one-line error before anything is written.
+are refused with a one-line error before anything is written, and so are families whose projections are
+transformers ``Conv1D`` (GPT-2: ``transposed_linear`` in the architecture table): lowbit quantizes them as
+linears, but transformers builds them as ``Conv1D`` again and compressed-tensors only decompresses ``nn.Linear``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -41,6 +46,7 @@ class CompressedTensorsOptions:
 def export_compressed_tensors(opts: CompressedTensorsOptions) -> dict:
     """Write the compressed-tensors folder for a lowbit checkpoint; returns a summary (path, format, bytes)."""
     forced = None if opts.format == AUTO else ct_formats.get_format(opts.format).name
+    _refuse_transposed_linears(Path(opts.checkpoint))
     source = read_source(opts.checkpoint)
     if not source.modules:
         raise LowbitError(f"{opts.checkpoint} has no quantized tensors; nothing to write as compressed-tensors")
@@ -57,6 +63,22 @@ def export_compressed_tensors(opts: CompressedTensorsOptions) -> dict:
                               force=opts.force)
     summary["groups"] = len(config["config_groups"])
     return summary
+
+
+def _refuse_transposed_linears(folder: Path) -> None:
+    """Refuse a family whose projections transformers builds as ``Conv1D`` (GPT-2): compressed-tensors
+    would leave them compressed (it decompresses ``nn.Linear`` only), so the folder could not be loaded."""
+    from lowbit.arch import family_of
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return  # read_source says what is wrong with the folder
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    family = family_of(SimpleNamespace(model_type=model_type))
+    if family is not None and family.transposed_linear:
+        raise LowbitError(f"{folder}: {family.name}'s projections are transformers Conv1D layers, not nn.Linear, "
+                          "and compressed-tensors cannot load them quantized; write `lowbit export onnx` or "
+                          "`lowbit export gguf` instead")
 
 
 def _module_format(source: CheckpointSource, module: QuantizedModule, forced: str | None) -> ct_formats.CTFormat:

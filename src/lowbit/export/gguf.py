@@ -1,4 +1,5 @@
-"""Write a float causal LM as a GGUF v3 file that stock llama.cpp loads.
+"""Write a float causal LM of any family with GGUF rules (``lowbit.gguf.arch``) as a GGUF v3 file that stock
+llama.cpp loads.
 
 The job: load the model, let ``lowbit.gguf.convert`` name, plan, calibrate and encode its tensors, then write
 header, metadata (hyper-parameters, tokenizer, file type, fallbacks) and aligned tensor data with the gguf
@@ -20,6 +21,7 @@ from lowbit.gguf.convert import (FLOAT_TYPES, METHODS, GGUFExportOptions, all_ta
 from lowbit.gguf.mixes import Choice, Mix, get_mix
 from lowbit.gguf.tokenizer import tokenizer_metadata
 from lowbit.io_utils import atomic_file
+from lowbit.model.finite import check_parameters
 from lowbit.model.load import CAUSAL_LM, LoadedModel, load_model
 
 __all__ = ["METHODS", "GGUFExportOptions", "all_targets", "calibrate", "default_out", "export_gguf"]
@@ -32,9 +34,7 @@ def _write(path: Path, arch: Architecture, hp: HParams, mix: Mix, name: str, met
     writer = gguf.GGUFWriter(path=None, arch=arch.name)
     writer.add_name(name)
     writer.add_type("model")
-    for key, vtype, value in arch.keys(arch.name, hp):
-        writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
-    for key, vtype, value, sub in meta:
+    for key, vtype, value, sub in arch.metadata(hp) + meta:
         writer.add_key_value(key, value, vtype, sub_type=sub)
     writer.add_file_type(mix.file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -71,11 +71,12 @@ def export_gguf(opts: GGUFExportOptions, progress: bool = True, loaded: LoadedMo
     if out.exists() and not opts.force:
         raise LowbitError(f"output {out} already exists; choose another --out or pass --force to replace it")
     loaded = loaded or load_model(opts.model)
-    arch = get_architecture(loaded.model)
+    check_parameters(loaded.model, fp16_matrices=True)  # NaN/Inf (or fp16-overflowing) weights never get encoded
     if loaded.kind != CAUSAL_LM:
         raise LowbitError(f"GGUF export needs a causal language model; {loaded.source} is an encoder")
+    arch = get_architecture(loaded.model)
     hp = arch.hparams(loaded.model.config)
-    meta = tokenizer_metadata(Path(loaded.source), loaded.tokenizer)
+    meta = tokenizer_metadata(Path(loaded.source), loaded.tokenizer, hp.vocab_size)
     tensors = gguf_tensors(loaded.model, arch, hp)
     plan = plan_types(mix, tensors, hp)
     columns = {t.name: t.data.shape[-1] for t in tensors if t.data.ndim == 2 and plan[t.name].type not in FLOAT_TYPES}

@@ -5,6 +5,9 @@ tensors, activation specs and static input scales, config.json and the tokenizer
 quantize. Which modules are ``nn.Linear`` (needed for ``targets``/``ignore`` lists) is read from the model
 class transformers builds for config.json on the meta device, so no architecture is hand-listed here.
 The output folder is written atomically: nothing half-written remains when an exporter raises.
+A quantized token embedding or output head is written dequantized, in the checkpoint's float dtype, and listed
+under ``dequantized`` in lowbit_export.json: transformers cannot load a quantized Embedding, and vLLM builds
+the head as an embedding-like layer that compressed-tensors, GPTQ and AWQ do not quantize.
 GPTQ and AWQ declare one weight spec for the whole model (``single_weight_spec``).
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.formats.activation import ActivationSpec
 from lowbit.formats.qtensor import QTensor
+from lowbit.formats.quantize import dequantize
 from lowbit.formats.spec import QuantSpec
 from lowbit.io_utils import atomic_directory
 from lowbit.model.checkpoint import WEIGHTS_FILE, read_input_quantizers, read_manifest, read_qtensors
@@ -54,6 +58,7 @@ class CheckpointSource:
     modules: dict[str, QuantizedModule]
     floats: dict[str, torch.Tensor]
     module_types: dict[str, str]
+    dequantized: dict[str, str] = field(default_factory=dict)  # parameter -> spec it was quantized with
 
     @property
     def float_dtype(self) -> torch.dtype:
@@ -72,17 +77,27 @@ def read_source(folder: str | Path) -> CheckpointSource:
     manifest = read_manifest(folder)
     qtensors, floats = read_qtensors(folder / WEIGHTS_FILE)
     inputs = read_input_quantizers(folder / WEIGHTS_FILE)
-    module_types = _module_types(folder, manifest.get("kind", CAUSAL_LM))
+    module_types, head = _module_types(folder, manifest.get("kind", CAUSAL_LM))
     modules: dict[str, QuantizedModule] = {}
+    dequantized: dict[str, str] = {}
     for param, qt in qtensors.items():
         name = param.removesuffix(".weight")
+        if param.endswith(".weight") and (module_types.get(name) == "Embedding" or name == head):
+            floats[param] = dequantize(qt).to(_float_dtype(floats))
+            dequantized[param] = str(qt.spec)
+            continue
         if not param.endswith(".weight") or name not in module_types:
             raise LowbitError(f"{param}: only the weights of Linear modules can be exported to Hugging Face "
                               "formats; keep this tensor in float (--ignore)")
         spec, scale = inputs.get(name, (None, None))
         modules[name] = QuantizedModule(name, qt, spec, scale)
     config = json.loads((folder / "config.json").read_text())
-    return CheckpointSource(folder, manifest, config, modules, floats, module_types)
+    return CheckpointSource(folder, manifest, config, modules, floats, module_types, dequantized)
+
+
+def _float_dtype(floats: dict[str, torch.Tensor]) -> torch.dtype:
+    counts = Counter(t.dtype for t in floats.values() if t.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else torch.float16
 
 
 def single_weight_spec(source: CheckpointSource, target: str) -> QuantSpec:
@@ -110,8 +125,9 @@ def single_weight_spec(source: CheckpointSource, target: str) -> QuantSpec:
     return next(iter(source.modules.values())).qtensor.spec
 
 
-def _module_types(folder: Path, kind: str) -> dict[str, str]:
-    """{module name: 'Linear' | 'Embedding'} of the model config.json describes, built on the meta device."""
+def _module_types(folder: Path, kind: str) -> tuple[dict[str, str], str | None]:
+    """({module name: 'Linear' | 'Embedding'}, output head name or None) of the model config.json describes,
+    built on the meta device."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(folder))
@@ -124,7 +140,8 @@ def _module_types(folder: Path, kind: str) -> dict[str, str]:
             types[name] = "Linear"
         elif isinstance(module, torch.nn.Embedding):
             types[name] = "Embedding"
-    return types
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return types, next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
 def write_hf_folder(
@@ -156,12 +173,13 @@ def write_hf_folder(
             _write_json(tmp / name, content)
         _write_json(tmp / EXPORT_MANIFEST, {"format_version": EXPORT_FORMAT_VERSION, "lowbit_version": __version__,
                                             "format": format_name, "source": str(source.folder),
-                                            "made_from": source.manifest})
+                                            "made_from": source.manifest, "dequantized": source.dequantized})
         for path in sorted(source.folder.iterdir()):
             if path.is_file() and path.name not in NOT_COPIED:
                 shutil.copy2(path, tmp / path.name)
     return {"path": str(out), "format": format_name, "bytes": (out / WEIGHTS_FILE).stat().st_size,
-            "quantized": len(source.modules), "float_linears": source.float_linears()}
+            "quantized": len(source.modules), "float_linears": source.float_linears(),
+            "dequantized": sorted(source.dequantized)}
 
 
 def _write_json(path: Path, content: dict) -> None:

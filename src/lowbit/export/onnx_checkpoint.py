@@ -79,7 +79,7 @@ def checkpoint_onnx(opts: OnnxCheckpointOptions) -> tuple[Any, dict[str, str], d
         proto = trace_encoder(model, tokenizer, opts.opset)
     lowering: dict[str, str] = {}
     if opts.mode != "float":
-        qtensors, _ = read_qtensors(folder / WEIGHTS_FILE)
+        qtensors = _with_tied_aliases(model, read_qtensors(folder / WEIGHTS_FILE)[0])
         recipe = load_recipe(folder / "recipe.yaml") if (folder / "recipe.yaml").is_file() else None
         quantized = QuantizedModel(model=model, recipe=recipe, qtensors=qtensors)  # type: ignore[arg-type]
         lowering = lower_quantized(proto, quantized, integer=opts.mode == "int8",
@@ -89,6 +89,18 @@ def checkpoint_onnx(opts: OnnxCheckpointOptions) -> tuple[Any, dict[str, str], d
     proto = with_inferred_shapes(proto)
     check_graph(proto)
     return proto, lowering, manifest
+
+
+def _with_tied_aliases(model: Any, qtensors: dict) -> dict:
+    """The QTensors plus, for a parameter tied to a quantized one (an output head tied to an int8 embedding),
+    the same QTensor under the tied name: the head is then lowered from the stored codes too, instead of
+    being kept as a float32 copy of the dequantized table (not exact in fp16, so 4 bytes per weight)."""
+    by_param = {id(model.get_parameter(name)): qt for name, qt in qtensors.items()}
+    out = dict(qtensors)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name not in out and id(param) in by_param:
+            out[name] = by_param[id(param)]
+    return out
 
 
 def export_onnx_checkpoint(opts: OnnxCheckpointOptions) -> dict[str, Any]:

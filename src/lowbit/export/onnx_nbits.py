@@ -86,13 +86,14 @@ def nbits_operands(q: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
 
 
 def nbits_linear(edit: GraphEdit, site: LinearSite, q: QTensor, accuracy_level: int = 0) -> None:
-    """Replace ``site`` by one MatMulNBits node (with the bias as its fifth input, if any)."""
+    """Replace ``site`` by one MatMulNBits node (with the bias as its sixth input, after g_idx, if any)."""
     b, scales, zero_points = nbits_operands(q)
     n, k = q.shape
     hint = site.module
     edit.replace(site.matmul, removed=[site.bias_add] if site.bias_add else [])
     inputs = [site.input, edit.const(f"{hint}.qweight", b), edit.const(f"{hint}.scales", scales)]
     inputs.append(edit.const(f"{hint}.zero_points", zero_points) if zero_points is not None else "")
+    inputs.append("")  # g_idx (deprecated; the blocks are in order)
     if site.bias_init is not None:
         inputs.append(site.bias_init)
     while inputs[-1] == "":

@@ -9,9 +9,27 @@ from __future__ import annotations
 import torch
 
 
+_PACK_CHUNK = 1 << 14  # codes packed per step (a multiple of 8, so chunks end on byte boundaries)
+
+
 def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """Pack integer codes (any shape, flattened in row-major order) into a 1-D uint8 tensor."""
-    u = codes.reshape(-1).to(torch.int32)
+    """Pack integer codes (any shape, flattened in row-major order) into a 1-D uint8 tensor.
+
+    Done 16,384 codes at a time: the bit stream takes 32 bytes per 8-bit code, which for a whole
+    embedding matrix (28M codes) was a 1.8 GB peak."""
+    flat = codes.reshape(-1)
+    if flat.numel() <= _PACK_CHUNK:
+        return _pack(flat, bits, signed)
+    out = torch.empty(packed_nbytes(flat.numel(), bits), dtype=torch.uint8)
+    step = _PACK_CHUNK * bits // 8
+    for k, i in enumerate(range(0, flat.numel(), _PACK_CHUNK)):
+        piece = _pack(flat[i : i + _PACK_CHUNK], bits, signed)
+        out[k * step : k * step + piece.numel()] = piece
+    return out
+
+
+def _pack(flat: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    u = flat.to(torch.int32)
     if signed:
         u = u + (1 << (bits - 1))
     if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):

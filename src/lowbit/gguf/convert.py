@@ -6,6 +6,7 @@ The file itself is written by ``lowbit.export.gguf``, which never quantizes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,21 +57,39 @@ class FloatTensor:
     module: str | None
 
 
+# State-dict entries llama.cpp does not store: rotary caches and GPT-2's causal-mask buffers.
+_NOT_STORED = re.compile(r"(rotary|inv_freq|\.attn\.bias$|\.attn\.masked_bias$)")
+
+
+def _conv1d_modules(model: torch.nn.Module) -> set[str]:
+    """Modules still in transformers' ``Conv1D`` [in, out] layout (lowbit normally linearizes them at load)."""
+    return {name for name, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")}
+
+
 def gguf_tensors(model: torch.nn.Module, arch: Architecture, hp: HParams) -> list[FloatTensor]:
-    """The model's weights renamed and laid out for llama.cpp (tied output dropped, Q/K permuted)."""
-    out, seen = [], set()
+    """The model's weights renamed and laid out for llama.cpp ([out, in] rows, tied output dropped, the
+    architecture's re-layouts applied)."""
+    out, seen, storages = [], set(), set()
+    conv1d = _conv1d_modules(model)
     for hf_name, tensor in model.state_dict().items():
+        alias = (tensor.data_ptr(), tuple(tensor.shape))
+        if alias in storages:  # a tied weight (lm_head sharing the embedding) is stored once
+            continue
+        storages.add(alias)
         name = arch.tensor_name(hf_name, hp.n_layers)
         if name is None:
-            if "rotary" in hf_name:
+            if _NOT_STORED.search(hf_name):
                 continue
             raise LowbitError(f"the GGUF exporter does not know where {hf_name} goes in a {arch.name} model")
         if name == "output.weight" and hp.tied_embeddings or name in seen:
             continue
         seen.add(name)
-        data = arch.transform(name, tensor.detach().float().cpu().numpy(), hp)
-        module = hf_name.rsplit(".", 1)[0] if tensor.dim() == 2 else None
-        out.append(FloatTensor(name, np.ascontiguousarray(data), module))
+        module = hf_name.rsplit(".", 1)[0]
+        data = tensor.detach().float().cpu()
+        if module in conv1d and hf_name.endswith(".weight"):
+            data = data.t()
+        data = arch.transform(name, data.numpy(), hp)
+        out.append(FloatTensor(name, np.ascontiguousarray(data, dtype=np.float32), module if tensor.dim() == 2 else None))
     return out
 
 

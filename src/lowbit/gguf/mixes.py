@@ -1,7 +1,7 @@
 """Named GGUF mixes (``Q4_K_M``, ``Q3_K_S``, ...) and plain types: which tensor gets which block type.
 
-The choices follow llama.cpp's ``llama_tensor_get_type`` for dense Llama-style models (no experts, not
-Falcon, not 70B) without an importance matrix, so a file we write has the same tensor types, hence the same
+The choices follow llama.cpp's ``llama_tensor_get_type`` for dense models (no experts, not
+Falcon, not 70B; a fused ``attn_qkv`` counts as ``attn_v`` there too) without an importance matrix, so a file we write has the same tensor types, hence the same
 size, as ``llama-quantize`` makes from the same float file. Tensors whose row length does not fit the chosen
 block fall back the way llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0, ...; F16 if even that does not fit).
 """
@@ -84,8 +84,10 @@ def block_size(type_name: str) -> int:
 
 
 def quantizable(role: TensorRole) -> bool:
-    """llama.cpp quantizes 2-D ``*.weight`` tensors except norms; everything else stays F32."""
-    return role.n_dims >= 2 and role.name.endswith(".weight") and "_norm.weight" not in role.name
+    """llama.cpp quantizes 2-D ``*.weight`` tensors except norms and position embeddings (GPT-2); everything
+    else stays F32."""
+    return (role.n_dims >= 2 and role.name.endswith(".weight") and "_norm.weight" not in role.name
+            and role.name != "position_embd.weight")
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -94,6 +96,8 @@ def _more_bits(i: int, n: int) -> bool:
 
 
 def _category(name: str) -> str:
+    if ".attn_qkv.weight" in name:  # llama.cpp treats a fused QKV (Phi-3, GPT-2) like attn_v
+        return "attn_v"
     for key in ("attn_v", "attn_k", "attn_q", "attn_output", "ffn_down", "ffn_gate", "ffn_up"):
         if f".{key}.weight" in name:
             return key

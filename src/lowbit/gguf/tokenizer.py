@@ -27,8 +27,10 @@ def copy_from_gguf(path: Path) -> list[tuple[str, Any, Any, Any]]:
     return out
 
 
-def from_hf_tokenizer(tokenizer: Any) -> list[tuple[str, Any, Any, Any]]:
-    """Metadata for a transformers fast tokenizer whose backend is byte-level BPE."""
+def from_hf_tokenizer(tokenizer: Any, n_vocab: int | None = None) -> list[tuple[str, Any, Any, Any]]:
+    """Metadata for a transformers fast tokenizer whose backend is byte-level BPE. llama.cpp needs exactly one
+    token per embedding row: with ``n_vocab`` rows, missing ids become ``[PADi]`` (as convert_hf_to_gguf does)
+    and added tokens past the last row (which the model cannot embed) are left out."""
     from gguf import GGUFValueType as T
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -38,6 +40,13 @@ def from_hf_tokenizer(tokenizer: Any) -> list[tuple[str, Any, Any, Any]]:
         raise LowbitError(f"GGUF export supports byte-level BPE tokenizers only, this one is {model.get('type', '?')}")
     vocab = tokenizer.get_vocab()
     n = max(vocab.values()) + 1
+    if n_vocab is not None and n > n_vocab:
+        added = {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {})}
+        beyond = {i for i in vocab.values() if i >= n_vocab}
+        if not beyond <= added:
+            raise LowbitError(f"the tokenizer has {n} tokens but the model only {n_vocab} embedding rows")
+        vocab = {tok: i for tok, i in vocab.items() if i < n_vocab}
+    n = n_vocab if n_vocab is not None else n
     tokens = [f"[PAD{i}]" for i in range(n)]
     for tok, idx in vocab.items():
         tokens[idx] = tok
@@ -50,7 +59,7 @@ def from_hf_tokenizer(tokenizer: Any) -> list[tuple[str, Any, Any, Any]]:
     for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id"),
                       ("unknown", "unk_token_id")):
         value = getattr(tokenizer, attr, None)
-        if value is not None:
+        if value is not None and value < n:
             out.append((f"tokenizer.ggml.{key}_token_id", T.UINT32, int(value), None))
     out.append(("tokenizer.ggml.add_bos_token", T.BOOL, False, None))
     template = getattr(tokenizer, "chat_template", None)
@@ -59,8 +68,9 @@ def from_hf_tokenizer(tokenizer: Any) -> list[tuple[str, Any, Any, Any]]:
     return out
 
 
-def tokenizer_metadata(source: Path, tokenizer: Any) -> list[tuple[str, Any, Any, Any]]:
-    """Tokenizer metadata for a model loaded from ``source`` (a GGUF file or a Hugging Face folder)."""
+def tokenizer_metadata(source: Path, tokenizer: Any, n_vocab: int | None = None) -> list[tuple[str, Any, Any, Any]]:
+    """Tokenizer metadata for a model loaded from ``source`` (a GGUF file or a Hugging Face folder) whose
+    embedding has ``n_vocab`` rows."""
     if source.is_file() and source.suffix.lower() == ".gguf":
         return copy_from_gguf(source)
-    return from_hf_tokenizer(tokenizer)
+    return from_hf_tokenizer(tokenizer, n_vocab)

@@ -35,17 +35,23 @@ class QuantizedModel:
     float_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float | None = None
+    fp32_blocks: list[int] = field(default_factory=list)  # blocks whose bf16 calibration overflowed: redone in fp32
 
 
 def plan(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module, QuantSpec]]:
-    """The (module name, module, spec) of every weight the recipe quantizes, in model order."""
-    chosen = []
+    """The (module name, module, spec) of every weight the recipe quantizes, in model order.
+
+    A weight shared by several modules (an output head tied to the token embedding) is quantized once, under
+    the first module that a rule gives a spec, so it is stored once and the other module reloads tied.
+    """
+    chosen, seen = [], set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
+        if isinstance(weight, nn.Parameter) and weight.dim() >= 2 and id(weight) not in seen:
             spec = recipe.spec_for(name, module)
             if spec is not None:
                 chosen.append((name, module, spec))
+                seen.add(id(weight))
     return chosen
 
 

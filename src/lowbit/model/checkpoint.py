@@ -31,6 +31,7 @@ from lowbit.formats.quantize import dequantize
 from lowbit.formats.spec import parse_spec
 from lowbit.model.act_quant import attach_input_quantizer, input_quantizers
 from lowbit.model.apply import QuantizedModel
+from lowbit.model.conv1d import linearize_conv1d
 from lowbit.model.load import CAUSAL_LM, validate_safetensors
 
 FORMAT_VERSION = 1
@@ -125,6 +126,7 @@ def load_checkpoint(out_dir: str | Path) -> tuple[nn.Module, Any, dict]:
     config = AutoConfig.from_pretrained(str(out_dir))
     auto = AutoModelForCausalLM if manifest.get("kind") == CAUSAL_LM else AutoModel
     model = auto.from_config(config, dtype=torch.float32)
+    linearize_conv1d(model)  # checkpoints hold Conv1D projections in the linear layout they were quantized in
     state = {name: t.float() for name, t in floats.items()}
     state.update({name: dequantize(qt) for name, qt in qtensors.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)

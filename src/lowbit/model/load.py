@@ -8,17 +8,20 @@ transformers sees them, so a truncated or corrupt file is a one-line error.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from lowbit.arch import family_of
 from lowbit.errors import LowbitError
+from lowbit.model.conv1d import linearize_conv1d
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -68,8 +71,21 @@ def load_model(name: str | None = None) -> LoadedModel:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise LowbitError(f"{path} is a file but not a .gguf; give a GGUF file or a Hugging Face folder")
-        return _load_gguf(path)
-    return _load_hf_folder(path)
+        loaded = _load_gguf(path)
+    else:
+        loaded = _load_hf_folder(path)
+    linearize_conv1d(loaded.model)
+    return loaded
+
+
+def model_kind(config: object) -> str:
+    """CAUSAL_LM or ENCODER: from the architecture table where the family is known, else from the class names
+    in config.json (``*ForCausalLM``, GPT-2-style ``*LMHeadModel``)."""
+    family = family_of(config)
+    if family is not None:
+        return ENCODER if family.encoder else CAUSAL_LM
+    names = getattr(config, "architectures", None) or []
+    return CAUSAL_LM if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in names) else ENCODER
 
 
 def source_size(path: Path) -> int:
@@ -79,8 +95,9 @@ def source_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".gguf", ".bin"))
 
 
-def validate_gguf(path: Path) -> None:
-    """Parse the GGUF header and tensor table; a bad file becomes a one-line error."""
+def validate_gguf(path: Path):
+    """Parse the GGUF header and tensor table (the ``gguf.GGUFReader`` is returned); a bad file becomes a
+    one-line error."""
     import gguf
 
     with open(path, "rb") as f:
@@ -93,6 +110,7 @@ def validate_gguf(path: Path) -> None:
         raise LowbitError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
     if end > path.stat().st_size:
         raise LowbitError(f"{path} is a truncated GGUF file: tensor data ends past the end of the file")
+    return reader
 
 
 def validate_safetensors(path: Path) -> None:
@@ -112,22 +130,121 @@ def validate_safetensors(path: Path) -> None:
 
 
 def _load_gguf(path: Path) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    validate_gguf(path)
+    reader = validate_gguf(path)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        # transformers parses the whole file again for the config and for the tokenizer (seconds per parse
+        # with a large vocabulary): hand it the reader we already have.
+        with _gguf_parsed_once(path, reader):
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, OSError) as exc:
         raise LowbitError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from None
-    # A GGUF-loaded model is flagged as quantized; rebuild a plain float model from its config.
-    config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    # Parameters on the meta device (buffers such as rotary frequencies are real), then each GGUF tensor is
+    # dequantized straight into its parameter: one float copy of the weights, no transformers-loaded twin.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with _gguf_parsed_once(path, reader):
+        _fill_from_gguf(model, reader, path)
+    del reader  # unmaps the file
     model.eval()
     return LoadedModel(model, tokenizer, CAUSAL_LM, str(path), source_size(path))
+
+
+_DEQUANT_CHUNK = 1 << 22  # raw elements dequantized at a time: bounds numpy's temporaries for a large embedding
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once(path: Path, reader):
+    """While active, ``gguf.GGUFReader(path)`` (as transformers calls it) returns ``reader`` instead of parsing
+    the file again, and ``gguf.get_tensor_name_map`` is built once per architecture (transformers' name map
+    otherwise rebuilds it for every submodule: 400 times, 11 s, for the default model)."""
+    import functools
+
+    import gguf
+
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    target = os.path.realpath(path)
+
+    def reader_for(file, *args, **kwargs):
+        if not args and not kwargs and os.path.realpath(file) == target:
+            return reader
+        return original_reader(file, *args, **kwargs)
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader_for, functools.lru_cache(maxsize=None)(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
+
+
+def _dequantize(tensor) -> np.ndarray:
+    """A GGUF tensor as float32, in the layout transformers expects, dequantized a slab of rows at a time."""
+    import gguf
+
+    data, qtype = tensor.data, tensor.tensor_type
+    if data.ndim < 2:
+        return np.array(gguf.dequantize(data, qtype), dtype=np.float32)
+    step = max(1, _DEQUANT_CHUNK // max(1, data[0].size))
+    first = gguf.dequantize(data[:step], qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+    out[: len(first)] = first
+    for start in range(step, data.shape[0], step):
+        out[start : start + step] = gguf.dequantize(data[start : start + step], qtype)
+    return out
+
+
+def _fill_from_gguf(model: nn.Module, reader, path: Path) -> None:
+    """Dequantize every GGUF tensor into the matching parameter of a model built on the meta device, with
+    transformers' own name map and per-architecture fixes (Llama's q/k row order, Gemma's norm offset)."""
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    try:
+        arch = read_field(reader, "general.architecture")[0]
+        processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+        key_map = get_gguf_hf_weights_map(model, processor)
+    except (ValueError, KeyError, IndexError, NotImplementedError) as exc:
+        raise LowbitError(f"transformers cannot map the tensors of {path}: {str(exc).splitlines()[0]}") from None
+    parsed: dict = {"tensors": {}}  # processors that split or merge tensors (MoE experts) put them here
+    for tensor in reader.tensors:
+        try:
+            weights = _dequantize(tensor)
+        except (NotImplementedError, ValueError) as exc:
+            raise LowbitError(f"cannot dequantize {tensor.name} ({tensor.tensor_type.name}) of {path}: {exc}") from None
+        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=key_map,
+                                   parsed_parameters=parsed)
+        if result.name in key_map:
+            _assign(model, key_map[result.name], torch.from_numpy(np.ascontiguousarray(result.weights)), path)
+    for name, value in parsed["tensors"].items():
+        _assign(model, name, value if isinstance(value, torch.Tensor) else torch.from_numpy(value), path)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise LowbitError(f"{path} has no tensor for {len(missing)} parameter(s) of the model, e.g. {missing[0]}")
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor, path: Path) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    current = getattr(module, attr)
+    if tuple(current.shape) != tuple(value.shape):
+        raise LowbitError(f"{path}: tensor for {name} has shape {tuple(value.shape)}, the model expects "
+                          f"{tuple(current.shape)}")
+    value = value.to(current.dtype)
+    if isinstance(current, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value, requires_grad=current.requires_grad))
+    else:
+        module._buffers[attr] = value
 
 
 def _load_hf_folder(path: Path) -> LoadedModel:
@@ -144,7 +261,8 @@ def _load_hf_folder(path: Path) -> LoadedModel:
         config = AutoConfig.from_pretrained(str(path))
     except (ValueError, KeyError, OSError) as exc:
         raise LowbitError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from None
-    kind = CAUSAL_LM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else ENCODER
+    _refuse_quantized_folder(path, config)
+    kind = model_kind(config)
     auto = AutoModelForCausalLM if kind == CAUSAL_LM else AutoModel
     try:
         model = auto.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
@@ -153,3 +271,16 @@ def _load_hf_folder(path: Path) -> LoadedModel:
         raise LowbitError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from None
     model.eval()
     return LoadedModel(model, tokenizer, kind, str(path), source_size(path))
+
+
+def _refuse_quantized_folder(path: Path, config: object) -> None:
+    """A folder whose weights are already quantized (a lowbit output, or a quantization_config in config.json:
+    GPTQ, AWQ, compressed-tensors, bitsandbytes, FP8 ...) is not a float model to quantize: one line, no guess."""
+    if (path / "lowbit.json").is_file():
+        raise LowbitError(f"{path} is a lowbit output (already quantized); quantize the model it was made from, "
+                          "or measure it with 'lowbit eval'")
+    qconfig = getattr(config, "quantization_config", None)
+    if qconfig:
+        method = qconfig.get("quant_method", "?") if isinstance(qconfig, dict) else getattr(qconfig, "quant_method", "?")
+        raise LowbitError(f"{path} holds weights already quantized ({method}); lowbit quantizes float "
+                          "(fp32/fp16/bf16) checkpoints: give the unquantized original")

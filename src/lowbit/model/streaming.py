@@ -17,7 +17,8 @@ from safetensors import safe_open
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.model.load import CAUSAL_LM, validate_safetensors
+from lowbit.model.conv1d import has_conv1d
+from lowbit.model.load import CAUSAL_LM, model_kind, validate_safetensors
 from lowbit.pipeline.layers import find_blocks
 
 
@@ -30,11 +31,14 @@ class StreamingSource:
         self.folder = Path(folder)
         self.key_to_file = _weight_map(self.folder)
         self.config = AutoConfig.from_pretrained(str(self.folder))
-        self.kind = CAUSAL_LM if any(a.endswith("ForCausalLM") for a in self.config.architectures or []) else "encoder"
+        self.kind = model_kind(self.config)
         auto = AutoModelForCausalLM if self.kind == CAUSAL_LM else AutoModel
         with torch.device("meta"):
             self.model = auto.from_config(self.config, dtype=torch.float32)
         self.model.eval()
+        if has_conv1d(self.model):
+            raise LowbitError(f"--stream does not read transposed Conv1D projections ({self.config.model_type}) yet; "
+                              "run without --stream")
         self.prefix, self.blocks = find_blocks(self.model)
         self._materialize_outside_blocks()
 

@@ -47,6 +47,11 @@ class InputStats:
             g = torch.Generator().manual_seed(self.count)
             self.rows.append(x[torch.randperm(x.shape[0], generator=g)[: self.sample_rows]].clone())
 
+    def finite(self) -> bool:
+        """Whether every statistic is free of NaN/Inf (an overflowing pass makes them inf, then NaN)."""
+        parts = [self.abs_sum, self.abs_max, *([self.xtx] if self.xtx is not None else []), *self.rows]
+        return all(bool(torch.isfinite(t).all()) for t in parts)
+
     def hessian(self) -> torch.Tensor:
         """H = 2/n * X^T X (GPTQ's normalization), float32."""
         assert self.xtx is not None, "Hessian was not collected"

@@ -8,6 +8,7 @@ inputs. Only the current block's statistics and the calibration activations are 
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.arch import Family, require_family
 from lowbit.formats.activation import ActivationSpec, max_code
 from lowbit.errors import LowbitError
 from lowbit.formats.qtensor import split_rows
@@ -25,16 +27,19 @@ from lowbit.methods import get_method, split_method
 from lowbit.methods.gptq import GPTQOptions
 from lowbit.model.apply import QuantizedModel, cast_float_tensors, plan
 from lowbit.model.act_quant import attach_input_quantizer
+from lowbit.model.finite import first_nonfinite_module, nonfinite_count
 from lowbit.model.streaming import StreamingSource
 from lowbit.observers.input_stats import InputStats, rescale_inputs
 from lowbit.observers.ranges import get_range_observer
-from lowbit.pipeline.layers import capture_inputs, find_blocks, run_block
+from lowbit.pipeline.layers import BlockInput, capture_inputs, find_blocks, run_block
 from lowbit.pipeline.observe import observe_block
 from lowbit.recipe import Recipe
 from lowbit.transforms.awq import search_scales
 from lowbit.transforms.mappings import applicable_mappings, fold_scales
 from lowbit.transforms.smoothquant import smoothing_scales
 
+
+log = logging.getLogger("lowbit")
 
 SAMPLE_ROWS = 128  # input rows kept per batch and linear for static activation ranges
 
@@ -59,6 +64,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
         if not param.is_meta:
             check_finite(param.data, pname)
     transforms, quantizer = split_method(recipe.method)
+    family = require_family(model, "+".join(transforms)) if transforms else None
     method = get_method(quantizer)
     result = QuantizedModel(model=model, recipe=recipe)
     chosen = {name: (module, spec) for name, module, spec in plan(model, recipe)}
@@ -74,10 +80,10 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
             source.load_block(index)
             for pname, param in block.named_parameters():
                 check_finite(param.data, block_prefix + pname)
-        with _autocast(compute_dtype):
-            stats, _ = observe_block(block, targets, inputs, want_hessian, SAMPLE_ROWS if static_acts else 0,
-                                     hessian_dtype=compute_dtype)
-        _apply_transforms(block, targets, stats, {n: chosen[block_prefix + n][1] for n in targets}, transforms, recipe)
+        stats = _observe(block, targets, inputs, want_hessian, SAMPLE_ROWS if static_acts else 0, compute_dtype,
+                         index, result)
+        _apply_transforms(block, targets, stats, {n: chosen[block_prefix + n][1] for n in targets}, transforms, recipe,
+                          family)
         with torch.no_grad():
             for group in _stackable_groups(targets, stats, {n: chosen[block_prefix + n][1] for n in targets}):
                 first = group[0]
@@ -93,8 +99,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
                     result.qtensors[block_prefix + rel + ".weight"] = part
                     _attach_activation_quantizer(module, input_specs[block_prefix + rel], stats.get(rel))
         del stats
-        with _autocast(compute_dtype):
-            inputs = run_block(block, inputs)
+        inputs = _propagate(block, inputs, compute_dtype, index, block_prefix, result)
         if source is not None:
             cast_float_tensors(model, result, root=block, prefix=block_prefix)
             source.release_block(index)
@@ -103,6 +108,59 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
+
+
+def _observe(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[BlockInput], want_hessian: bool,
+             sample_rows: int, compute_dtype: torch.dtype, index: int, result: QuantizedModel) -> dict[str, InputStats]:
+    """The block's input statistics; a bf16 pass whose statistics came out NaN/Inf is redone in fp32.
+
+    bf16 has fp32's exponent range but rounds to 8 significant bits, so a sum just below fp32's maximum
+    (3.40e38) can round to inf in bf16 (its largest finite value is 3.39e38); the fp32 redo is exact there.
+    Statistics that are not finite even in fp32 (activations beyond fp32's range) are an error.
+    """
+    with _autocast(compute_dtype):
+        stats, _ = observe_block(block, targets, inputs, want_hessian, sample_rows, hessian_dtype=compute_dtype)
+    bad = [name for name, s in stats.items() if not s.finite()]
+    if bad and compute_dtype != torch.float32:
+        _recompute_in_fp32(index, result, f"input statistics of {bad[0]}")
+        stats, _ = observe_block(block, targets, inputs, want_hessian, sample_rows, hessian_dtype=torch.float32)
+        bad = [name for name, s in stats.items() if not s.finite()]
+    if bad:
+        raise LowbitError(f"block {index}: the input statistics of {bad[0]} are NaN/Inf even in fp32 (the "
+                          "calibration activations overflow); nothing was written")
+    return stats
+
+
+def _propagate(block: nn.Module, inputs: list[BlockInput], compute_dtype: torch.dtype, index: int,
+               block_prefix: str, result: QuantizedModel) -> list[BlockInput]:
+    """The quantized block's outputs (the next block's inputs); redone in fp32 if the bf16 pass overflowed.
+
+    Outputs that are NaN/Inf in fp32 too are an error naming the first module inside the block that produced them.
+    """
+    with _autocast(compute_dtype):
+        outputs = run_block(block, inputs)
+    if compute_dtype != torch.float32 and not _finite_outputs(outputs):
+        _recompute_in_fp32(index, result, "outputs")
+        outputs = run_block(block, inputs)
+    if not _finite_outputs(outputs):
+        bad = next(b for b, o in zip(inputs, outputs) if nonfinite_count(o.hidden))
+        name, count, _ = first_nonfinite_module(block, lambda: run_block(block, [bad]))
+        where = block_prefix + name if name else block_prefix.rstrip(".")
+        raise LowbitError(f"the quantized model computes NaN/Inf: first in the output of {where} "
+                          f"({count} values) on calibration data; nothing was written")
+    return outputs
+
+
+def _finite_outputs(outputs: list[BlockInput]) -> bool:
+    return not any(nonfinite_count(o.hidden) for o in outputs)
+
+
+def _recompute_in_fp32(index: int, result: QuantizedModel, what: str) -> None:
+    """Record (once per block) and say that block ``index``'s bf16 pass overflowed and runs again in fp32."""
+    if index not in result.fp32_blocks:
+        result.fp32_blocks.append(index)
+    log.warning("lowbit: warning: block %d: bf16 calibration %s overflowed; recomputing this block in fp32",
+                index, what)
 
 
 def _stackable_groups(targets: dict[str, nn.Linear], stats: dict[str, InputStats], specs: dict) -> list[list[str]]:
@@ -161,11 +219,12 @@ def _method_inputs(quantizer: str, transforms: tuple[str, ...], stats: InputStat
 
 
 def _apply_transforms(block: nn.Module, targets: dict[str, nn.Linear], stats: dict[str, InputStats],
-                      specs: dict, transforms: tuple[str, ...], recipe: Recipe) -> None:
-    """Fold AWQ / SmoothQuant scales wherever a producer feeds target linears that share one input."""
+                      specs: dict, transforms: tuple[str, ...], recipe: Recipe, family: Family | None) -> None:
+    """Fold AWQ / SmoothQuant scales wherever the family's table entry says a producer feeds target linears
+    that share one input."""
     if not transforms:
         return
-    for mapping, producer, consumers in applicable_mappings(block):
+    for mapping, producer, consumers in applicable_mappings(block, family.scale_pairs):
         if not all(c in targets for c in mapping.consumers):
             continue
         shared = stats[mapping.consumers[0]]
@@ -175,13 +234,13 @@ def _apply_transforms(block: nn.Module, targets: dict[str, nn.Linear], stats: di
         with torch.no_grad():
             if "smoothquant" in transforms:
                 scales = smoothing_scales(shared.abs_max, weights, float(recipe.options.get("alpha", 0.5)))
-                fold_scales(producer, consumers, scales)
+                fold_scales(producer, consumers, scales, family.norm_offset)
                 rescale_inputs(shared, scales)
             if "awq" in transforms:
                 scales, alpha = search_scales(weights, shared.mean_abs(), shared.hessian(),
                                               specs[mapping.consumers[0]], int(recipe.options.get("grid", 20)))
                 if alpha is not None:
-                    fold_scales(producer, consumers, scales)
+                    fold_scales(producer, consumers, scales, family.norm_offset)
                     rescale_inputs(shared, scales)
 
 

@@ -1,7 +1,8 @@
-"""Finding a model's repeated blocks and feeding them their own inputs, without per-architecture lists.
+"""Finding a model's repeated blocks and feeding them their own inputs.
 
-The blocks are the children of the ``nn.ModuleList`` that holds most of the model's parameters (decoder
-layers of an LLM, encoder layers of BERT). Their inputs are captured with a forward pre-hook on the first
+The blocks are where the architecture table (``lowbit.arch``) says; for a family not in the table, the
+children of the ``nn.ModuleList`` that holds most of the model's parameters (decoder layers of an LLM,
+encoder layers of BERT). Their inputs are captured with a forward pre-hook on the first
 block that stops the forward pass right there, so the embeddings run once and nothing after them.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.arch import family_of
 from lowbit.errors import LowbitError
 
 
@@ -29,7 +31,16 @@ class _Stop(Exception):
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(dotted name, module list) of the repeated blocks: the ModuleList holding the most parameters."""
+    """(dotted name, module list) of the repeated blocks: where the architecture table says they are, else
+    the ModuleList holding the most parameters."""
+    family = family_of(model)
+    for path in family.blocks if family else ():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return path, module
     best, best_count = None, 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
