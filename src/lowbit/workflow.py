@@ -185,13 +185,14 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
     with atomic_directory(out_dir, force=opts.force) as tmp:
         write_checkpoint(qm, tmp, loaded.model.config, loaded.tokenizer, _manifest(loaded, recipe))
         save_recipe(recipe, tmp / "recipe.yaml")
-        t2 = time.perf_counter()
-        metrics = evaluator.compare(qm.model) if evaluator else None
-        t_eval = t_ref + time.perf_counter() - t2
-        report = _report(loaded, qm, tmp, metrics, {"load": t_load, "quantize": qm.seconds, "eval": t_eval})
+        report = _report(loaded, qm, tmp, None, {"load": t_load, "quantize": qm.seconds})
         report["calibration"] = calibration
-        report["peak_rss_mb"] = peak_rss_mb()
         report.update(heads_report(heads, qm, loaded.model, report["size_bytes"]))
+        qm.qtensors.clear()  # written; the evaluation needs only the fake-quant model (frees the codes' memory)
+        t2 = time.perf_counter()
+        report["eval"] = evaluator.compare(qm.model) if evaluator else None
+        report["seconds"]["eval"] = t_ref + time.perf_counter() - t2
+        report["peak_rss_mb"] = peak_rss_mb()
         write_report(report, tmp / "report.json")
     return report, out_dir
 

@@ -124,3 +124,18 @@ def test_q4_k_layout_matches_loop_decoder():
     data = block.quantize(x)
     for row, raw in zip(block.dequantize(data), data):
         np.testing.assert_allclose(row, _loop_dequant_q4_k(raw.tobytes()), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q3_K"])
+def test_row_slices_encode_the_same_bytes(monkeypatch, type_name):
+    """Large tensors are encoded a slice of rows at a time (bounded memory); the bytes are the same."""
+    from lowbit.gguf import blocks as blocks_module
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((40, 512)).astype(np.float32)
+    weights = rng.random(512).astype(np.float32) + 0.1
+    block = blocks_module.get_block_type(type_name)
+    whole = [block.quantize(rows), block.quantize(rows, weights)]
+    monkeypatch.setattr(blocks_module, "ROW_SLICE_ELEMENTS", 7 * 512)
+    assert np.array_equal(block.quantize(rows), whole[0])
+    assert np.array_equal(block.quantize(rows, weights), whole[1])

@@ -29,3 +29,26 @@ def test_registry():
     assert get_method("rtn") is rtn
     with pytest.raises(LowbitError, match="unknown method"):
         get_method("nope")
+
+
+@pytest.mark.parametrize("spec", ["int8:channel", "int4:g32:asym", "int3:g64:asym:mse", "nf4:g64"])
+def test_large_tensors_are_rounded_in_row_slices_bit_for_bit(monkeypatch, spec):
+    """Row slicing (which bounds memory on 262k-row embeddings) gives the very codes and scales of one pass,
+    and the sliced dequantization the very values."""
+    import importlib
+
+    quantize_module = importlib.import_module("lowbit.formats.quantize")
+    rtn_module = importlib.import_module("lowbit.methods.rtn")  # the module, not the function of that name
+
+    torch.manual_seed(0)
+    w = torch.randn(100, 128)
+    whole = rtn_module.rtn(w, parse_spec(spec))
+    values = quantize_module.dequantize(whole)
+    monkeypatch.setattr(rtn_module, "ROW_CHUNK_ELEMENTS", 7 * 128)
+    monkeypatch.setattr(quantize_module, "DEQUANT_CHUNK_ELEMENTS", 9 * 128)
+    sliced = rtn_module.rtn(w, parse_spec(spec))
+    assert torch.equal(sliced.codes, whole.codes) and torch.equal(sliced.scales, whole.scales)
+    assert (sliced.zeros is None) == (whole.zeros is None)
+    assert sliced.zeros is None or torch.equal(sliced.zeros, whole.zeros)
+    assert sliced.shape == whole.shape == (100, 128)
+    assert torch.equal(quantize_module.dequantize(sliced), values)

@@ -44,3 +44,16 @@ def split_rows(q: QTensor, sizes: list[int]) -> list[QTensor]:
         out.append(QTensor(q.codes[rows].clone(), q.scales[rows].clone(), zeros, q.spec, (n, q.shape[1])))
         start += n
     return out
+
+
+def cat_rows(parts: list[QTensor]) -> QTensor:
+    """Stack row-wise QTensors (same spec and columns) into one: the inverse of ``split_rows``."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if any(p.global_scale is not None or p.spec != first.spec or len(p.shape) != 2 for p in parts):
+        raise ValueError("cat_rows needs 2-D row-wise QTensors of one spec without a global scale")
+    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+    rows = sum(p.shape[0] for p in parts)
+    return QTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), zeros, first.spec,
+                   (rows, first.shape[1]))

@@ -116,8 +116,29 @@ def quantize(
     return QTensor(codes=codes, scales=scales, zeros=zeros, spec=spec, shape=tuple(w.shape), global_scale=gs)
 
 
+DEQUANT_CHUNK_ELEMENTS = 1 << 23
+
+
 def dequantize(q: QTensor) -> torch.Tensor:
-    """Float32 values the codes stand for, in the original tensor shape."""
+    """Float32 values the codes stand for, in the original tensor shape.
+
+    A large row-wise tensor is decoded a slice of rows at a time into the output, so the temporaries stay
+    small next to it (a 262k-token embedding would otherwise need several full float copies).
+    """
+    rows = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, q.codes.shape[1]))
+    if (q.codes.shape[0] <= rows or q.global_scale is not None or len(q.shape) != 2
+            or q.spec.granularity not in ("channel", "group")):
+        return _dequantize(q)
+    out = torch.empty(q.codes.shape, dtype=torch.float32)
+    for start in range(0, q.codes.shape[0], rows):
+        part = slice(start, start + rows)
+        zeros = None if q.zeros is None else q.zeros[part]
+        n = out[part].shape[0]
+        out[part] = _dequantize(QTensor(q.codes[part], q.scales[part], zeros, q.spec, (n, q.codes.shape[1])))
+    return out
+
+
+def _dequantize(q: QTensor) -> torch.Tensor:
     fmt = get_format(q.spec.format)
     block = q.spec.block_size(*q.codes.shape)
     values = fmt.decode(q.codes)

@@ -18,6 +18,8 @@ from gguf import quants as gguf_quants
 from lowbit.errors import LowbitError
 from lowbit.gguf.grid import F32, Grid
 
+ROW_SLICE_ELEMENTS = 1 << 22  # rows encoded per step: a few tens of MB of float temporaries, whatever the tensor
+
 BLOCK_TYPES: dict[str, type["BlockType"]] = {}
 
 
@@ -66,6 +68,9 @@ class BlockType:
         n, k = rows.shape
         if k % cls.block_size:
             raise LowbitError(f"{cls.name} needs rows of a multiple of {cls.block_size} values, got {k}")
+        step = max(1, ROW_SLICE_ELEMENTS // k)
+        if n > step:  # blocks never cross rows: encode slices of rows to bound the float temporaries
+            return np.concatenate([cls.quantize(rows[i:i + step], w) for i in range(0, n, step)])
         x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, cls.block_size)
         wb = None if w is None else np.broadcast_to(np.asarray(w, F32).reshape(1, -1), (n, k)).reshape(-1, cls.block_size)
         return cls.quantize_blocks(x, wb).reshape(n, -1)

@@ -30,9 +30,9 @@ def nonfinite_count(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point() or value.is_meta:
             return 0
-        if value.element_size() == 1:  # float8 scales (NVFP4, MX): isfinite has no float8 kernels
-            value = value.float()
-        return int((~torch.isfinite(value)).sum())
+        # slices of 16M elements bound the temporaries (float8 scales: isfinite has no float8 kernels)
+        return sum(int((~torch.isfinite(part.float() if part.element_size() == 1 else part)).sum())
+                   for part in value.reshape(-1).split(1 << 24))
     if isinstance(value, Mapping):
         return sum(nonfinite_count(v) for v in value.values())
     if isinstance(value, (tuple, list)):
@@ -75,9 +75,12 @@ def check_parameters(model: nn.Module, fp16_matrices: bool = False) -> None:
         bad = nonfinite_count(param.data)
         if bad:
             raise LowbitError(f"{name} has {bad} NaN/Inf values; fix or skip this tensor before quantizing")
-        if fp16_matrices and param.dim() >= 2 and float(param.data.abs().max()) > FP16_MAX:
-            raise LowbitError(f"{name} has values beyond fp16's range (|w| up to {float(param.data.abs().max()):.3g}), "
-                              "which GGUF's F16 tensors and fp16 block scales cannot hold")
+        if fp16_matrices and param.dim() >= 2:
+            low, high = torch.aminmax(param.data)  # no |w| copy of a large matrix
+            largest = max(-float(low), float(high))
+            if largest > FP16_MAX:
+                raise LowbitError(f"{name} has values beyond fp16's range (|w| up to {largest:.3g}), "
+                                  "which GGUF's F16 tensors and fp16 block scales cannot hold")
 
 
 def first_nonfinite_module(model: nn.Module, run: Callable[[], Any]) -> tuple[str | None, int, Any]:
