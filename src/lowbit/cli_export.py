@@ -53,7 +53,9 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     summary = export_gguf(opts, progress=not args.json, loaded=loaded)
     if args.eval:
-        summary["eval"] = _evaluate(summary["path"], loaded, args.windows)
+        reference = _reference(loaded, args.windows)
+        del loaded  # llama.cpp runs the file now: the float model's memory is not needed beside it
+        summary["eval"] = _evaluate(summary["path"], reference)
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -67,11 +69,17 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
         print(f"  llama.cpp: PPL {m['ppl']:.3f} (float {m['ppl_base']:.3f}), KLD {m['kld']:.4f}, top-1 {m['top1']:.4f}")
 
 
-def _evaluate(path: str, loaded: Any, n_windows: int) -> dict[str, float]:
+def _reference(loaded: Any, n_windows: int) -> Any:
+    """The float model's log-probabilities on the evaluation windows (kept on disk, see lowbit.eval.lm)."""
     from lowbit.data.text import eval_windows, load_text, tokenize
-    from lowbit.eval.llamacpp import compare_logprobs, gguf_logprobs
     from lowbit.eval.lm import lm_reference
 
     windows = eval_windows(tokenize(loaded.tokenizer, load_text(None)), n_windows, 512).ids
-    ref = lm_reference(loaded.model, windows, progress=False)
-    return compare_logprobs(ref.logprobs, gguf_logprobs(path, windows), windows)
+    return lm_reference(loaded.model, windows, progress=False)
+
+
+def _evaluate(path: str, reference: Any) -> dict[str, float]:
+    """PPL / KLD / top-1 of the GGUF file in llama.cpp against the float model's reference."""
+    from lowbit.eval.llamacpp import compare_logprobs, iter_gguf_logprobs
+
+    return compare_logprobs(reference.logprobs, iter_gguf_logprobs(path, reference.windows), reference.windows)

@@ -66,3 +66,19 @@ def test_imatrix_for_another_model_and_bad_files(tmp_path):
         read_imatrix(bad)
     with pytest.raises(LowbitError, match="does not exist"):
         read_imatrix(tmp_path / "missing.imatrix")
+
+
+def test_error_feedback_in_row_slices_gives_the_same_bytes(monkeypatch):
+    """encode_tensor runs error feedback on slices of rows (bounded memory); rows are independent given H."""
+    from lowbit.gguf import convert
+    from lowbit.gguf.mixes import Choice
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((24, 256)).astype(np.float32)
+    x = rng.standard_normal((300, 256))
+    hessians = {"t.weight": x.T @ x}
+    tensor = convert.FloatTensor("t.weight", data, "t")
+    whole = convert.encode_tensor(tensor, Choice("Q4_K", "Q4_K"), "gptq", None, hessians, 0.01)
+    monkeypatch.setattr(convert, "ROW_SLICE_ELEMENTS", 5 * 256)
+    sliced = convert.encode_tensor(tensor, Choice("Q4_K", "Q4_K"), "gptq", None, hessians, 0.01)
+    assert np.array_equal(sliced, whole)

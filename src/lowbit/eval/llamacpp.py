@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.eval.lm import divergence_sums
 
 
 def gguf_logprobs(path: str | Path, windows: torch.Tensor, threads: int | None = None,
@@ -20,6 +22,12 @@ def gguf_logprobs(path: str | Path, windows: torch.Tensor, threads: int | None =
     ``f32_cache`` keeps llama.cpp's KV cache in F32 instead of its default F16 (which alone moves log-probs by
     ~2e-3): for checking that a file computes exactly what the float model does.
     """
+    return list(iter_gguf_logprobs(path, windows, threads, f32_cache))
+
+
+def iter_gguf_logprobs(path: str | Path, windows: torch.Tensor, threads: int | None = None,
+                       f32_cache: bool = False) -> Iterator[torch.Tensor]:
+    """``gguf_logprobs`` one window at a time (a 262k-token vocabulary makes each window ~0.5 GB)."""
     try:
         import llama_cpp
     except ImportError:
@@ -31,27 +39,26 @@ def gguf_logprobs(path: str | Path, windows: torch.Tensor, threads: int | None =
                               n_threads=threads or min(2, os.cpu_count() or 1), verbose=False, **cache)
     except ValueError as exc:
         raise LowbitError(f"llama.cpp cannot load {path}: {exc}") from None
-    out = []
     try:
         for ids in windows:
             llm.reset()
             llm.eval(ids.tolist())
-            logits = torch.from_numpy(np.array(llm.scores[: length - 1], dtype=np.float32))
-            out.append(torch.log_softmax(logits, dim=-1))
+            # llama-cpp-python's own float32 buffer, read without a copy: log_softmax makes the only new tensor
+            logits = torch.from_numpy(np.asarray(llm.scores[: length - 1], dtype=np.float32))
+            yield torch.log_softmax(logits, dim=-1)
     finally:
         llm.close()
-    return out
 
 
-def compare_logprobs(ref: list[torch.Tensor], test: list[torch.Tensor], windows: torch.Tensor) -> dict[str, float]:
-    """PPL of both, mean KL(ref || test) per predicted token, top-1 agreement."""
+def compare_logprobs(ref: Sequence[torch.Tensor], test: Iterable[torch.Tensor], windows: torch.Tensor) -> dict[str, float]:
+    """PPL of both, mean KL(ref || test) per predicted token, top-1 agreement (windows taken one at a time)."""
     nll_ref = nll = kld = agree = 0.0
     n = 0
     for base, lp, ids in zip(ref, test, windows):
         target = ids[1:, None]
         nll_ref += float(-base.gather(1, target).sum())
         nll += float(-lp.gather(1, target).sum())
-        kld += float((base.exp() * (base - lp)).sum())
-        agree += float((base.argmax(-1) == lp.argmax(-1)).sum())
+        window_kld, window_agree = divergence_sums(base, lp)
+        kld, agree = kld + window_kld, agree + window_agree
         n += base.shape[0]
     return {"ppl_base": math.exp(nll_ref / n), "ppl": math.exp(nll / n), "kld": kld / n, "top1": agree / n}

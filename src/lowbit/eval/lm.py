@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +111,18 @@ def lm_reference(model: nn.Module, windows: torch.Tensor, progress: bool = True)
     return LMReference(windows=windows, logprobs=logprobs, nll_sum=nll)
 
 
+def divergence_sums(base: torch.Tensor | Iterable[torch.Tensor], test: torch.Tensor) -> tuple[float, float]:
+    """(summed KL(base || test), positions whose argmaxes agree) over one window of log-probabilities, a block of
+    positions at a time so that the [positions, vocab] temporaries stay small. ``base`` may already be
+    row blocks (as ``LogprobStore.row_blocks`` reads them)."""
+    blocks = base.split(_ROWS) if isinstance(base, torch.Tensor) else base
+    kld = agree = 0.0
+    for b, q in zip(blocks, test.split(_ROWS)):
+        kld += float((b.exp() * (b - q)).sum())
+        agree += float((b.argmax(-1) == q.argmax(-1)).sum())
+    return kld, agree
+
+
 @torch.inference_mode()
 def compare_lm(model: nn.Module, ref: LMReference, progress: bool = True) -> dict[str, float]:
     """Perplexities of original and ``model``, mean KL(original || model) and top-1 agreement."""
@@ -120,10 +132,9 @@ def compare_lm(model: nn.Module, ref: LMReference, progress: bool = True) -> dic
         nll += _nll(lp, ids)
         # The original's rows are read a block at a time, after the forward pass: the peaks do not add up.
         store = ref.logprobs
-        blocks = store.row_blocks(i, _ROWS) if isinstance(store, LogprobStore) else store[i].split(_ROWS)
-        for b, q in zip(blocks, lp.split(_ROWS)):
-            kld += float((b.exp() * (b - q)).sum())
-            agree += float((b.argmax(-1) == q.argmax(-1)).sum())
+        blocks = store.row_blocks(i, _ROWS) if isinstance(store, LogprobStore) else store[i]
+        window_kld, window_agree = divergence_sums(blocks, lp)
+        kld, agree = kld + window_kld, agree + window_agree
         del lp
     n = ref.n_predictions
     return check_metrics({"ppl_base": ref.ppl, "ppl": math.exp(nll / n), "kld": kld / n, "top1": agree / n})

@@ -16,7 +16,7 @@ import torch
 from lowbit.data.text import calibration_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.gguf.arch import Architecture, HParams, get_architecture, layer_of
-from lowbit.gguf.blocks import get_block_type
+from lowbit.gguf.blocks import ROW_SLICE_ELEMENTS, get_block_type
 from lowbit.gguf.calibrate import Calibration, collect
 from lowbit.gguf.feedback import feedback_quantize
 from lowbit.gguf.imatrix import check_imatrix, read_imatrix, write_imatrix
@@ -150,5 +150,8 @@ def encode_tensor(t: FloatTensor, choice: Choice, method: str, imatrix: dict | N
     imp = imatrix.get(t.name) if imatrix else None
     h = hessians.get(t.name) if hessians else None
     if method == "gptq" and block.affine and h is not None:
-        return feedback_quantize(t.data, h, block, imp, damp=damp)
+        # rows are independent given H: slices of rows bound the float64 temporaries of a 262k-row embedding
+        step = max(1, ROW_SLICE_ELEMENTS // t.data.shape[1])
+        return np.concatenate([feedback_quantize(t.data[i:i + step], h, block, imp, damp=damp)
+                               for i in range(0, t.data.shape[0], step)])
     return block.quantize(t.data, imp)
