@@ -21,6 +21,7 @@ from lowbit.gguf.calibrate import Calibration, collect
 from lowbit.gguf.feedback import feedback_quantize
 from lowbit.gguf.imatrix import check_imatrix, read_imatrix, write_imatrix
 from lowbit.gguf.mixes import FLOAT_TYPES, Choice, Mix, TensorRole, choose_type, get_mix
+from lowbit.model.conv1d import linearize_conv1d
 from lowbit.model.load import LoadedModel
 
 METHODS = ("rtn", "imatrix", "gptq")
@@ -61,16 +62,11 @@ class FloatTensor:
 _NOT_STORED = re.compile(r"(rotary|inv_freq|\.attn\.bias$|\.attn\.masked_bias$)")
 
 
-def _conv1d_modules(model: torch.nn.Module) -> set[str]:
-    """Modules still in transformers' ``Conv1D`` [in, out] layout (lowbit normally linearizes them at load)."""
-    return {name for name, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")}
-
-
 def gguf_tensors(model: torch.nn.Module, arch: Architecture, hp: HParams) -> list[FloatTensor]:
     """The model's weights renamed and laid out for llama.cpp ([out, in] rows, tied output dropped, the
     architecture's re-layouts applied)."""
     out, seen, storages = [], set(), set()
-    conv1d = _conv1d_modules(model)
+    linearize_conv1d(model)  # a model not loaded through load_model may still hold [in, out] Conv1D weights
     for hf_name, tensor in model.state_dict().items():
         alias = (tensor.data_ptr(), tuple(tensor.shape))
         if alias in storages:  # a tied weight (lm_head sharing the embedding) is stored once
@@ -85,10 +81,7 @@ def gguf_tensors(model: torch.nn.Module, arch: Architecture, hp: HParams) -> lis
             continue
         seen.add(name)
         module = hf_name.rsplit(".", 1)[0]
-        data = tensor.detach().float().cpu()
-        if module in conv1d and hf_name.endswith(".weight"):
-            data = data.t()
-        data = arch.transform(name, data.numpy(), hp)
+        data = arch.transform(name, tensor.detach().float().cpu().numpy(), hp)
         out.append(FloatTensor(name, np.ascontiguousarray(data, dtype=np.float32), module if tensor.dim() == 2 else None))
     return out
 
