@@ -8,6 +8,9 @@ STAMP := $(VENV)/.lowbit-installed
 .PHONY: install run test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
+	# Headless Chromium for the tests that look at lowbit's HTML pages as a person would (Debian packages).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import __version__
+from lowbit.cli_analysis import add_analysis_parsers
 from lowbit.cli_export import add_export_parser
 from lowbit.errors import LowbitError
 from lowbit.memory import give_large_blocks_back
@@ -24,6 +25,11 @@ EPILOG = """examples:
   lowbit eval out/smollm2-w4a16 --text my.txt --json
   lowbit quantize --format gguf --type Q4_K_M         # llama.cpp file: imatrix + error feedback, measured in llama.cpp
   lowbit quantize --method gptq --format lowbit,onnx  # also out/...-onnx/model.onnx (int4 as MatMulNBits)
+  lowbit quantize --target-bpw 3.5                   # per-layer precisions chosen by measured sensitivity
+  lowbit quantize --format gguf --target-size 80MB   # per-tensor GGUF types under a file size
+  lowbit quantize --preset edge                      # attention 16-bit, FFN 8-bit grouped, head full precision
+  lowbit analyze                                     # which layers are sensitive (KLD per linear and block)
+  lowbit compare --schemes W8A16,W4A16 --formats gguf:Q4_K_M --presets edge --target-bpw 3.5
   lowbit inspect model.gguf
 """
 
@@ -72,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-head", metavar="int8|int4|keep|SPEC",
                    help="untied output head, as --embeddings (default keep; a tied head is the embedding)")
     q.add_argument("--recipe", help="YAML recipe file (rules, ignore, scheme, method)")
+    q.add_argument("--preset", help="a named layer strategy: layers, edge, mobile (see lowbit.presets)")
+    b = q.add_argument_group("budgeted mixed precision (sensitivity analysis, cached)")
+    target = b.add_mutually_exclusive_group()
+    target.add_argument("--target-bpw", type=float, metavar="B", help="choose each layer's precision to minimize "
+                        "predicted KLD at B average bits per weight (over the allocated weights)")
+    target.add_argument("--target-size", metavar="SIZE", help="as --target-bpw, for a total size (e.g. 90MB): the "
+                        "weights file, or the GGUF file")
+    b.add_argument("--candidates", help="comma-separated precisions to choose from (default int2..int6 in groups, "
+                   "int8 per channel, keep; GGUF: Q2_K..Q8_0, F16)")
     q.add_argument("--out", help="output folder (default out/<model>-<scheme>...)")
     q.add_argument("--force", action="store_true", help="replace an existing output folder")
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
@@ -102,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--all", action="store_true", help="list every tensor")
     i.add_argument("--json", action="store_true", help="print JSON")
     add_export_parser(sub)
+    add_analysis_parsers(sub)
     return parser
 
 
@@ -160,7 +176,8 @@ def _quantize_gguf(args: argparse.Namespace, several: bool) -> None:
         model=args.model, type=args.type, method=method, imatrix=None, calib_text=args.calib_text,
         calib_samples=32 if args.calib_samples is None else args.calib_samples,
         out=None if several else args.out, force=args.force, eval=not args.no_eval and _has_llama_cpp(),
-        windows=args.windows, json=args.json)
+        windows=args.windows, json=args.json, target_bpw=args.target_bpw, target_size=args.target_size,
+        candidates=args.candidates, recipe=args.recipe)
     cmd_export_gguf(gguf_args)
 
 
@@ -191,6 +208,11 @@ def _quantize_lowbit(args: argparse.Namespace) -> Path:
         stream=args.stream,
         embeddings=args.embeddings,
         lm_head=args.lm_head,
+        target_bpw=args.target_bpw,
+        target_size=args.target_size,
+        candidates=tuple(c.strip() for c in (args.candidates or "").split(",") if c.strip()),
+        formats=tuple(f.strip().lower() for f in args.format.split(",") if f.strip() and f.strip().lower() != "gguf"),
+        preset=args.preset,
     )
     report, out_dir = quantize_job(opts, progress=not args.json)
     if args.json:

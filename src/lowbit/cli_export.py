@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from lowbit.cli_export_hf import add_hf_targets
 from lowbit.cli_export_onnx import add_onnx_target
-from lowbit.export.gguf import METHODS, GGUFExportOptions
-from lowbit.gguf.mixes import MIXES
+from lowbit.errors import LowbitError
+from lowbit.export.gguf import METHODS, GGUFExportOptions, default_out
+from lowbit.gguf.mixes import MIXES, get_mix
 
 EXAMPLES = """examples:
   lowbit export gguf --type Q4_K_M                       # the built-in SmolLM2, imatrix + error feedback
@@ -38,6 +41,12 @@ def add_export_parser(sub: Any) -> None:
     g.add_argument("--eval", action="store_true", help="evaluate the file in llama.cpp against the float model")
     g.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens (default 8)")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    target = g.add_mutually_exclusive_group()
+    target.add_argument("--target-bpw", type=float, metavar="B", help="choose each tensor's type under B bits per "
+                        "weight (sensitivity analysis, cached); the plan is saved as <out>.recipe.yaml")
+    target.add_argument("--target-size", metavar="SIZE", help="as --target-bpw, for a file size (e.g. 80MB)")
+    g.add_argument("--candidates", help="GGUF types to choose from (default Q2_K..Q8_0, F16)")
+    g.add_argument("--recipe", help="a <file>.recipe.yaml written by a budgeted export: the same per-tensor types")
     g.set_defaults(handler=cmd_export_gguf)
     add_hf_targets(targets)
     add_onnx_target(targets)
@@ -50,8 +59,33 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
     opts = GGUFExportOptions(model=args.model, type=args.type, out=args.out, method=args.method,
                              imatrix=args.imatrix, calib_text=args.calib_text, calib_samples=args.calib_samples,
                              eval_tokens=args.windows * 512, force=args.force)
+    budget = _budget(args)
+    if budget is not None and getattr(args, "recipe", None):
+        raise LowbitError("--target-bpw/--target-size choose the types themselves; drop --recipe")
+    if getattr(args, "recipe", None):
+        from lowbit.analysis.gguf_budget import types_from_recipe
+
+        base, types = types_from_recipe(args.recipe)
+        opts = replace(opts, type=base or opts.type, types=types)
     loaded = load_model(args.model)
+    recipe = None
+    if budget is not None:
+        from lowbit.analysis.gguf_budget import plan_gguf, plan_recipe
+
+        candidates = tuple(c.strip() for c in (args.candidates or "").split(",") if c.strip())
+        plan = plan_gguf(loaded, opts, budget, candidates, progress=not args.json)
+        if args.out is None:
+            opts = replace(opts, out=str(default_out(opts, get_mix(opts.type)).with_name(
+                f"{Path(opts.model).stem.lower() if opts.model else 'smollm2'}-gguf-{budget.label().replace(' ', '')}"
+                f"-{opts.method}.gguf")))
+        opts = replace(opts, types=plan.types)
+        recipe = plan_recipe(plan, opts, budget)
     summary = export_gguf(opts, progress=not args.json, loaded=loaded)
+    if recipe is not None:
+        from lowbit.analysis.gguf_budget import save_plan_recipe
+
+        summary["recipe"] = str(save_plan_recipe(recipe, summary["path"]))
+        summary["allocation"] = recipe.options["allocation"]
     if args.eval:
         reference = _reference(loaded, args.windows)
         del loaded  # llama.cpp runs the file now: the float model's memory is not needed beside it
@@ -64,9 +98,23 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
     if summary["fallbacks"]:
         print(f"  {len(summary['fallbacks'])} tensors fell back (row length): "
               + ", ".join(sorted(set(summary["fallbacks"].values()))))
+    if "allocation" in summary:
+        a = summary["allocation"]
+        print(f"  budgeted ({a['target']}): {a['bits_per_weight']:.3f} bpw over {a['items']} tensors, predicted KLD "
+              f"{a['predicted_kld']:.4f}; plan in {summary['recipe']}")
     if "eval" in summary:
         m = summary["eval"]
         print(f"  llama.cpp: PPL {m['ppl']:.3f} (float {m['ppl_base']:.3f}), KLD {m['kld']:.4f}, top-1 {m['top1']:.4f}")
+
+
+def _budget(args: argparse.Namespace):
+    """The size budget of a budgeted GGUF export (None: the named mix decides every type)."""
+    bpw, size = getattr(args, "target_bpw", None), getattr(args, "target_size", None)
+    if bpw is None and size is None:
+        return None
+    from lowbit.analysis.budget import Budget, parse_size
+
+    return Budget(bpw, parse_size(size) if size else None)
 
 
 def _reference(loaded: Any, n_windows: int) -> Any:

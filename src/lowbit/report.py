@@ -67,6 +67,13 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
             line += (f"; {ref['type']} GGUF of the same model: {ref['tensor_bytes'] / 1e6:.1f} MB of tensors "
                      f"({'not larger' if ref['not_larger'] else 'LARGER'} here)")
         console.print(f"[dim]{line}.[/dim]")
+    alloc = report.get("allocation")
+    if alloc:
+        measured = alloc.get("measured_kld")
+        console.print(f"[dim]budgeted mix ({alloc['target']}): {alloc['bits_per_weight']:.3f} bits per allocated weight, "
+                      f"{', '.join(f'{c} x{n}' for c, n in alloc['modules_by_candidate'].items())}; predicted KLD "
+                      f"{alloc['predicted_kld']:.4f}, measured {'-' if measured is None else format(measured, '.4f')} "
+                      f"(sensitivity {'from the cache' if alloc.get('sensitivity_cached') else 'measured'}).[/dim]")
     cal = report.get("calibration")
     if cal:
         console.print(f"[dim]calibration: {cal['samples']} samples x {cal['length']} tokens of {cal['text']} "

@@ -82,12 +82,21 @@ class QuantizeOptions:
     stream: bool = False
     embeddings: str | None = None  # int8 | int4 | keep | a spec; None: default (lowbit.model.embeddings)
     lm_head: str | None = None
+    target_bpw: float | None = None  # budgeted mixed precision (lowbit.analysis): average bits per weight ...
+    target_size: str | None = None  # ... or total size ("90MB")
+    candidates: tuple[str, ...] = ()  # the precisions the allocation chooses from (empty: the defaults)
+    formats: tuple[str, ...] = ("lowbit",)  # every format that will be written (candidates must fit all)
+    preset: str | None = None  # a named layer strategy (lowbit.presets)
 
 
 def build_recipe(opts: QuantizeOptions) -> Recipe:
-    """The recipe for these options: a recipe file if given, else the scheme plus CLI rules and ignores."""
-    if opts.recipe_file:
-        recipe = load_recipe(opts.recipe_file)
+    """The recipe for these options: a recipe file or preset if given, else the scheme plus CLI rules and ignores."""
+    if opts.recipe_file and opts.preset:
+        raise LowbitError("give either --recipe or --preset, not both")
+    if opts.preset or opts.recipe_file:
+        from lowbit.presets import preset_recipe
+
+        recipe = preset_recipe(opts.preset) if opts.preset else load_recipe(opts.recipe_file)
         extra = tuple(parse_rule(r) for r in opts.rules)
         return Recipe(recipe.scheme, opts.method if opts.method != "rtn" else recipe.method,
                       opts.dtype or recipe.float_dtype, extra + recipe.rules, recipe.ignore + opts.ignore,
@@ -120,6 +129,10 @@ def default_out_dir(opts: QuantizeOptions, recipe: Recipe) -> Path:
         parts.append("mse")
     if opts.method != "rtn":
         parts.append(opts.method)
+    if opts.target_bpw is not None:
+        parts.append(f"bpw{opts.target_bpw:g}")
+    if opts.target_size is not None:
+        parts.append(f"size{opts.target_size}")
     return Path("out") / re.sub(r"[^a-z0-9_.-]+", "-", "-".join(parts))
 
 
@@ -161,7 +174,9 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
         return _stream_job(opts, recipe, out_dir, progress)
     loaded = load_model(opts.model)
     check_parameters(loaded.model)  # NaN/Inf weights: say which before evaluating or calibrating anything
-    heads = plan_heads(opts, recipe, loaded.model)
+    recipe = resolve_aliases(recipe, loaded.model)
+    budgeted = _plan_budget(opts, recipe, loaded, progress)
+    heads = budgeted.heads if budgeted else plan_heads(opts, recipe, loaded.model)
     recipe = heads.recipe
     t_load = time.perf_counter() - t0
     evaluator = Evaluator(loaded.kind, loaded.tokenizer, opts.eval, progress) if opts.evaluate else None
@@ -191,10 +206,46 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
         qm.qtensors.clear()  # written; the evaluation needs only the fake-quant model (frees the codes' memory)
         t2 = time.perf_counter()
         report["eval"] = evaluator.compare(qm.model) if evaluator else None
+        if budgeted:
+            report["allocation"] = {**recipe.options["allocation"],
+                                    "measured_kld": report["eval"]["kld"] if report["eval"] else None,
+                                    "sensitivity_seconds": budgeted.sensitivity.seconds.get("total"),
+                                    "sensitivity_cached": budgeted.sensitivity.cached}
         report["seconds"]["eval"] = t_ref + time.perf_counter() - t2
         report["peak_rss_mb"] = peak_rss_mb()
         write_report(report, tmp / "report.json")
     return report, out_dir
+
+
+def _plan_budget(opts: QuantizeOptions, recipe: Recipe, loaded: LoadedModel, progress: bool):
+    """The budgeted plan (lowbit.analysis.planning) when --target-bpw/--target-size is given, else None."""
+    if opts.target_bpw is None and opts.target_size is None:
+        return None
+    from lowbit.analysis.budget import Budget, parse_size
+    from lowbit.analysis.planning import plan_budget
+    from lowbit.analysis.sensitivity import EVAL_TOKENS, AnalyzeOptions
+
+    if opts.recipe_file or opts.preset:
+        raise LowbitError("--target-bpw/--target-size choose the recipe themselves; drop --recipe/--preset")
+    if opts.stream:
+        raise LowbitError("--target-bpw/--target-size need the whole model for the sensitivity analysis; drop --stream")
+    budget = Budget(opts.target_bpw, parse_size(opts.target_size) if opts.target_size else None)
+    same_text = opts.calibration.text == opts.eval.text
+    analysis = AnalyzeOptions(
+        model=opts.model, candidates=opts.candidates, formats=opts.formats, group_size=opts.group_size,
+        symmetric=opts.symmetric, float_dtype=recipe.float_dtype, calib_text=opts.calibration.text,
+        eval_tokens=opts.eval.windows * opts.eval.length if same_text else 0, seed=opts.calibration.seed,
+        compute_dtype=opts.calibration.dtype)
+    act = opts.activations or get_scheme(opts.scheme).activations
+    return plan_budget(loaded, recipe, budget, analysis, tuple(parse_rule(r) for r in opts.rules), opts.ignore,
+                       opts.embeddings, opts.lm_head, parse_activation_spec(act) if act else None, progress)
+
+
+def resolve_aliases(recipe: Recipe, model: torch.nn.Module) -> Recipe:
+    """Recipe targets ``@embeddings`` / ``@head`` (used by presets) replaced by this model's module names."""
+    from lowbit.presets import resolve_targets
+
+    return resolve_targets(recipe, model)
 
 
 def _compute_dtype(opts: QuantizeOptions) -> torch.dtype:
@@ -246,6 +297,7 @@ def _stream_job(opts: QuantizeOptions, recipe: Recipe, out_dir: Path, progress: 
     source = StreamingSource(path)
     loaded = LoadedModel(source.model, AutoTokenizer.from_pretrained(str(path)), source.kind, str(path), source_size(path))
     t_load = time.perf_counter() - t0  # config, tokenizer and the weights outside the blocks
+    recipe = resolve_aliases(recipe, source.model)
     heads = plan_heads(opts, recipe, source.model)
     recipe = heads.recipe
     calib_ids, calibration = _calibration_samples(loaded, opts)

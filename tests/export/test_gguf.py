@@ -15,8 +15,11 @@ from lowbit.cli import main
 from lowbit.data.text import default_text, eval_windows, load_text, tokenize
 from lowbit.eval.llamacpp import compare_logprobs, gguf_logprobs
 from lowbit.eval.lm import lm_reference
-from lowbit.export.gguf import GGUFExportOptions, export_gguf
+from lowbit.errors import LowbitError
+from lowbit.export.gguf import GGUFExportOptions, export_gguf, overhead_bytes
 from lowbit.gguf.arch import llama_permute
+from lowbit.gguf.imatrix import read_imatrix
+from lowbit.gguf.plan import planned_tensors, tensor_bytes
 from lowbit.model.load import load_model
 from tests.conftest import make_tokenizer
 
@@ -202,3 +205,91 @@ def test_quantize_format_errors(tmp_path, tiny_llama_dir, capsys, args, match):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0]
     assert not out.exists()
+
+
+# An explicit plan over llama256 (rows of 256 and 512) using every kind of block: legacy, k-quants, MXFP4, floats.
+MIXED = (("token_embd.weight", "Q4_K"), ("output.weight", "Q6_K"), ("blk.0.attn_q.weight", "Q3_K"),
+         ("blk.0.attn_k.weight", "Q5_1"), ("blk.0.attn_v.weight", "Q8_0"), ("blk.0.attn_output.weight", "Q5_K"),
+         ("blk.0.ffn_gate.weight", "Q4_0"), ("blk.0.ffn_up.weight", "MXFP4"), ("blk.0.ffn_down.weight", "BF16"),
+         ("blk.1.attn_q.weight", "Q4_1"), ("blk.1.attn_k.weight", "F16"), ("blk.1.ffn_down.weight", "Q5_0"),
+         ("blk.1.attn_norm.weight", "F32"))
+
+
+def _predicted(opts: GGUFExportOptions, loaded) -> int:
+    planned = planned_tensors(loaded, opts.type, opts.types)
+    return overhead_bytes(opts, loaded) + sum(tensor_bytes(p.choice.type, p.shape) for p in planned if p.quantizable)
+
+
+def test_explicit_plan_is_written_sized_exactly_and_runs_in_llamacpp(tmp_path, llama256, windows):
+    loaded = load_model(str(llama256))
+    opts = GGUFExportOptions(model=str(llama256), type="Q4_K_M", out=str(tmp_path / "mixed.gguf"), method="gptq",
+                             types=MIXED, **CALIB)
+    predicted = _predicted(opts, loaded)
+    summary = export_gguf(opts, progress=False, loaded=loaded)
+    assert summary["bytes"] == predicted == Path(opts.out).stat().st_size
+    reader = gguf.GGUFReader(opts.out)
+    written = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert written == summary["per_tensor_types"] and summary["explicit"] == len(MIXED)
+    assert all(written[name] == type_name for name, type_name in MIXED)
+    assert written["blk.1.ffn_up.weight"] == "Q4_K" and written["blk.1.attn_v.weight"] == "Q6_K"  # the mix's
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    ref = tmp_path / "f32.gguf"
+    export_gguf(GGUFExportOptions(model=str(llama256), type="F32", out=str(ref), method="rtn"), progress=False,
+                loaded=loaded)
+    metrics = compare_logprobs(gguf_logprobs(ref, windows), gguf_logprobs(opts.out, windows), windows)
+    # this model is made sensitive (x4 weights, near-uniform outputs): the plain Q4_K_M file has KLD ~0.17 here,
+    # Q3_K_S ~0.59, Q2_K ~1.0, Q8_0 ~0.001; the mixed plan (~0.16) sits with Q4_K_M
+    assert 0 < metrics["kld"] < 0.3, metrics
+    ppl_llama, ppl_lowbit = _llama_vs_lowbit(Path(opts.out), windows)
+    assert ppl_llama == pytest.approx(ppl_lowbit, rel=0.01)
+
+
+def test_overhead_predicts_size_with_fallbacks_left_to_the_mix(tmp_path, tiny_llama_dir):
+    """Rows of 96: the mix falls back on the tensors the plan leaves to it, and those fallbacks are part of the
+    metadata the overhead counts."""
+    loaded = load_model(str(tiny_llama_dir))
+    types = (("token_embd.weight", "Q5_1"), ("blk.0.ffn_down.weight", "MXFP4"), ("blk.1.ffn_up.weight", "BF16"),
+             ("blk.0.attn_q.weight", "Q4_0"))
+    opts = GGUFExportOptions(model=str(tiny_llama_dir), type="Q4_K_M", out=str(tmp_path / "t.gguf"), method="rtn",
+                             types=types)
+    predicted = _predicted(opts, loaded)
+    summary = export_gguf(opts, progress=False, loaded=loaded)
+    assert summary["bytes"] == predicted
+    assert "blk.0.attn_q.weight" not in summary["fallbacks"] and summary["fallbacks"]["blk.1.attn_q.weight"]
+    assert isinstance(_generate(Path(opts.out)), str)
+
+
+def test_explicit_plan_calibrates_every_tensor_it_quantizes(tmp_path, tiny_llama_dir):
+    """On an F16 base mix only the plan quantizes; the imatrix covers exactly those tensors (the tied embedding
+    through lm_head)."""
+    types = (("token_embd.weight", "Q8_0"), ("blk.1.ffn_down.weight", "Q4_0"), ("blk.0.attn_v.weight", "Q5_0"))
+    imatrix = tmp_path / "plan.imatrix"
+    summary = export_gguf(GGUFExportOptions(model=str(tiny_llama_dir), type="F16", out=str(tmp_path / "c.gguf"),
+                                            method="gptq", imatrix=str(imatrix), types=types, **CALIB),
+                          progress=False)
+    assert set(read_imatrix(imatrix)) == {name for name, _ in types}
+    assert summary["tensor_types"] == {"F16": 12, "F32": 5, "Q8_0": 1, "Q4_0": 1, "Q5_0": 1}
+
+
+@pytest.mark.parametrize("types,match", [
+    ((("blk.7.attn_q.weight", "Q8_0"),), "'blk.7.attn_q.weight', which this model does not store"),
+    ((("blk.0.attn_q.weight", "Q7_0"),), "blk.0.attn_q.weight (rows of 96) is given the unknown type 'Q7_0'"),
+    ((("blk.0.ffn_up.weight", "Q4_K"),), "blk.0.ffn_up.weight (rows of 96) cannot be Q4_K: its block of 256"),
+    ((("blk.0.ffn_norm.weight", "Q8_0"),), "blk.0.ffn_norm.weight (rows of 96) cannot be Q8_0: llama.cpp keeps"),
+])
+def test_bad_plans_fail_before_any_work(tmp_path, tiny_llama_dir, monkeypatch, types, match):
+    import lowbit.export.gguf as exporter
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibration or quantization started before the plan was checked")
+
+    monkeypatch.setattr(exporter, "statistics", never)
+    monkeypatch.setattr(exporter, "encode_tensor", never)
+    out = tmp_path / "bad.gguf"
+    with pytest.raises(LowbitError) as info:
+        export_gguf(GGUFExportOptions(model=str(tiny_llama_dir), type="Q4_0", out=str(out), method="gptq",
+                                      types=types), progress=False)
+    message = str(info.value)
+    assert match in message and "\n" not in message
+    assert "allowed: " in message or "named like" in message
+    _assert_nothing_written(out)

@@ -1,5 +1,6 @@
 """Evaluate a GGUF file in llama.cpp itself (through llama-cpp-python): next-token log-probabilities on the
-same token windows lowbit evaluates, and PPL / KL divergence / top-1 agreement against a reference."""
+same token windows lowbit evaluates, and PPL / KL divergence / top-1 agreement (and the distribution of the
+per-token KL divergence) against a reference."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.eval.kld_stats import DivergenceStats
 from lowbit.eval.lm import divergence_sums
 
 
@@ -50,15 +53,19 @@ def iter_gguf_logprobs(path: str | Path, windows: torch.Tensor, threads: int | N
         llm.close()
 
 
-def compare_logprobs(ref: Sequence[torch.Tensor], test: Iterable[torch.Tensor], windows: torch.Tensor) -> dict[str, float]:
-    """PPL of both, mean KL(ref || test) per predicted token, top-1 agreement (windows taken one at a time)."""
+def compare_logprobs(ref: Sequence[torch.Tensor], test: Iterable[torch.Tensor],
+                     windows: torch.Tensor) -> dict[str, Any]:
+    """PPL of both, mean KL(ref || test) per predicted token, top-1 agreement (windows taken one at a time), plus
+    ``kld_stats``: the distribution of the per-token divergence, as ``llama-perplexity --kl-divergence`` prints it."""
     nll_ref = nll = kld = agree = 0.0
     n = 0
+    stats = DivergenceStats()
     for base, lp, ids in zip(ref, test, windows):
         target = ids[1:, None]
         nll_ref += float(-base.gather(1, target).sum())
         nll += float(-lp.gather(1, target).sum())
-        window_kld, window_agree = divergence_sums(base, lp)
+        window_kld, window_agree = divergence_sums(base, lp, stats, ids[1:])
         kld, agree = kld + window_kld, agree + window_agree
         n += base.shape[0]
-    return {"ppl_base": math.exp(nll_ref / n), "ppl": math.exp(nll / n), "kld": kld / n, "top1": agree / n}
+    return {"ppl_base": math.exp(nll_ref / n), "ppl": math.exp(nll / n), "kld": kld / n, "top1": agree / n,
+            "kld_stats": stats.summary("the compared model")}

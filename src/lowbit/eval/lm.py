@@ -4,7 +4,8 @@ The original's next-token log-probabilities are computed once (``lm_reference``)
 original model can be freed (or changed in place into its quantized twin) before ``compare_lm`` runs.
 They are kept exactly (fp32) but not in memory: each window's [length - 1, vocab] block is written to an
 anonymous temporary file and read back one window at a time (8 windows x 511 x 262k vocab would be 4.3 GB).
-KL divergence is KL(original || quantized) per position, averaged over all predicted positions.
+KL divergence is KL(original || quantized) per position, averaged over all predicted positions; its
+distribution over positions (median, tail percentiles, Δp, ...) is summarized by ``lowbit.eval.kld_stats``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import math
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.eval.kld_stats import DivergenceStats, values_from_terms
 from lowbit.model.finite import check_metrics
 
 _ROWS = 64  # positions per step of the KLD/top-1 sums: bounds the [rows, vocab] temporaries
@@ -111,30 +114,45 @@ def lm_reference(model: nn.Module, windows: torch.Tensor, progress: bool = True)
     return LMReference(windows=windows, logprobs=logprobs, nll_sum=nll)
 
 
-def divergence_sums(base: torch.Tensor | Iterable[torch.Tensor], test: torch.Tensor) -> tuple[float, float]:
+def divergence_sums(base: torch.Tensor | Iterable[torch.Tensor], test: torch.Tensor,
+                    stats: DivergenceStats | None = None, targets: torch.Tensor | None = None) -> tuple[float, float]:
     """(summed KL(base || test), positions whose argmaxes agree) over one window of log-probabilities, a block of
     positions at a time so that the [positions, vocab] temporaries stay small. ``base`` may already be
-    row blocks (as ``LogprobStore.row_blocks`` reads them)."""
+    row blocks (as ``LogprobStore.row_blocks`` reads them).
+
+    With ``stats`` (and ``targets``, the [positions] tokens that came next), each block's per-position values
+    are also added to it, reusing the block's KL terms (the [rows, vocab] exponentials are computed once)."""
+    if stats is not None and targets is None:
+        raise ValueError("divergence_sums: stats needs the target tokens")
     blocks = base.split(_ROWS) if isinstance(base, torch.Tensor) else base
     kld = agree = 0.0
+    start = 0
     for b, q in zip(blocks, test.split(_ROWS)):
-        kld += float((b.exp() * (b - q)).sum())
-        agree += float((b.argmax(-1) == q.argmax(-1)).sum())
+        terms = b.exp() * (b - q)
+        same = b.argmax(-1) == q.argmax(-1)
+        kld += float(terms.sum())
+        agree += float(same.sum())
+        if stats is not None:
+            stats.add_values(values_from_terms(terms.sum(-1), same, b, q, targets[start:start + len(b)]))
+        start += len(b)
     return kld, agree
 
 
 @torch.inference_mode()
-def compare_lm(model: nn.Module, ref: LMReference, progress: bool = True) -> dict[str, float]:
-    """Perplexities of original and ``model``, mean KL(original || model) and top-1 agreement."""
+def compare_lm(model: nn.Module, ref: LMReference, progress: bool = True) -> dict[str, Any]:
+    """Perplexities of original and ``model``, mean KL(original || model) and top-1 agreement, plus
+    ``kld_stats``: the distribution of the per-token divergence (``DivergenceStats.summary``)."""
     nll = kld = agree = 0.0
+    stats = DivergenceStats()
     for i, ids in enumerate(tqdm(ref.windows, desc="eval quantized", disable=not progress)):
         lp = window_logprobs(model, ids)
         nll += _nll(lp, ids)
         # The original's rows are read a block at a time, after the forward pass: the peaks do not add up.
         store = ref.logprobs
         blocks = store.row_blocks(i, _ROWS) if isinstance(store, LogprobStore) else store[i]
-        window_kld, window_agree = divergence_sums(blocks, lp)
+        window_kld, window_agree = divergence_sums(blocks, lp, stats, ids[1:])
         kld, agree = kld + window_kld, agree + window_agree
         del lp
     n = ref.n_predictions
-    return check_metrics({"ppl_base": ref.ppl, "ppl": math.exp(nll / n), "kld": kld / n, "top1": agree / n})
+    metrics = check_metrics({"ppl_base": ref.ppl, "ppl": math.exp(nll / n), "kld": kld / n, "top1": agree / n})
+    return metrics | {"kld_stats": stats.summary()}

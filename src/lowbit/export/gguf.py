@@ -8,27 +8,33 @@ package's writer into a temporary file that becomes the output only when complet
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.gguf.arch import Architecture, HParams, get_architecture
 from lowbit.gguf.calibrate import Calibration
 from lowbit.gguf.convert import (FLOAT_TYPES, METHODS, GGUFExportOptions, all_targets, calibrate,
-                                 calibration_targets, encode_tensor, gguf_tensors, plan_types, statistics)
+                                 calibration_targets, encode_tensor, gguf_tensors, statistics)
 from lowbit.gguf.mixes import Choice, Mix, get_mix
+from lowbit.gguf.plan import planned_tensors, resolve_plan, tensor_bytes
 from lowbit.gguf.tokenizer import tokenizer_metadata
 from lowbit.io_utils import atomic_file
 from lowbit.model.finite import check_parameters
 from lowbit.model.load import CAUSAL_LM, LoadedModel, load_model
 
-__all__ = ["METHODS", "GGUFExportOptions", "all_targets", "calibrate", "default_out", "export_gguf"]
+__all__ = ["METHODS", "GGUFExportOptions", "all_targets", "calibrate", "default_out", "export_gguf",
+           "overhead_bytes"]
 
 
-def _write(path: Path, arch: Architecture, hp: HParams, mix: Mix, name: str, meta: list, encoded: list,
-           plan: dict[str, Choice], method: str) -> None:
+def _writer(arch: Architecture, hp: HParams, mix: Mix, name: str, meta: list, plan: dict[str, Choice],
+            method: str) -> Any:
+    """A gguf writer holding the file's metadata (hyper-parameters, tokenizer, file type, fallbacks), no tensors."""
     import gguf
 
     writer = gguf.GGUFWriter(path=None, arch=arch.name)
@@ -42,12 +48,52 @@ def _write(path: Path, arch: Architecture, hp: HParams, mix: Mix, name: str, met
     writer.add_quantized_by(f"lowbit {__version__} ({method})")
     fallbacks = [f"{n}:{c.wanted}->{c.type}" for n, c in plan.items() if c.fell_back]
     writer.add_array("lowbit.fallbacks", fallbacks or ["none"])
+    return writer
+
+
+def _write(path: Path, arch: Architecture, hp: HParams, mix: Mix, name: str, meta: list, encoded: list,
+           plan: dict[str, Choice], method: str) -> None:
+    import gguf
+
+    writer = _writer(arch, hp, mix, name, meta, plan, method)
     for tname, data in encoded:
         writer.add_tensor(tname, data, raw_dtype=gguf.GGMLQuantizationType[plan[tname].type])
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def overhead_bytes(opts: GGUFExportOptions, loaded: LoadedModel | None = None) -> int:
+    """Bytes of the file ``export_gguf(opts)`` writes that are not data of quantizable tensors (2-D weights
+    other than norms): header, metadata (tokenizer included), tensor infos, alignment padding, and the F32
+    norms/biases. ``overhead_bytes(opts) + sum(tensor_bytes(type, shape))`` over the quantizable tensors of
+    ``planned_tensors(loaded, opts.type, opts.types)`` is the file's exact size. Another plan changes it only
+    by alignment padding (under 32 bytes per tensor) and by the ``lowbit.fallbacks`` entries of tensors the
+    plan leaves to the mix; nothing is quantized and nothing is written except a temporary header."""
+    import gguf
+
+    loaded = loaded or load_model(opts.model)
+    mix = get_mix(opts.type)
+    arch = get_architecture(loaded.model)
+    hp = arch.hparams(loaded.model.config)
+    planned = planned_tensors(loaded, mix, opts.types)
+    plan = {p.name: p.choice for p in planned}
+    writer = _writer(arch, hp, mix, Path(loaded.source).stem, tokenizer_metadata(Path(loaded.source),
+                     loaded.tokenizer, hp.vocab_size), plan, opts.method)
+    padded, align = 0, gguf.GGUF_DEFAULT_ALIGNMENT
+    for p in planned:
+        nbytes = tensor_bytes(p.choice.type, p.shape)
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType[p.choice.type])
+        padded += gguf.GGUFWriter.ggml_pad(nbytes, align) - (nbytes if p.quantizable else 0)
+    with tempfile.TemporaryDirectory() as tmp:  # the writer measures what it writes: header, KV, tensor infos
+        writer.write_header_to_file(path=Path(tmp) / "header.gguf")
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        head = (Path(tmp) / "header.gguf").stat().st_size
+    return gguf.GGUFWriter.ggml_pad(head, align) + padded
 
 
 def default_out(opts: GGUFExportOptions, mix: Mix) -> Path:
@@ -57,8 +103,9 @@ def default_out(opts: GGUFExportOptions, mix: Mix) -> Path:
 
 def export_gguf(opts: GGUFExportOptions, progress: bool = True, loaded: LoadedModel | None = None,
                 calibration: Calibration | None = None) -> dict[str, Any]:
-    """Quantize and write one GGUF file; returns a summary (path, bytes, types, fallbacks, seconds).
-    ``loaded`` and ``calibration`` let a caller that writes many files load and calibrate once."""
+    """Quantize and write one GGUF file; returns a summary (path, bytes, type counts, each tensor's type,
+    fallbacks, seconds). ``opts.types`` overrides the mix per tensor (checked before any calibration or
+    quantization). ``loaded`` and ``calibration`` let a caller that writes many files load and calibrate once."""
     t0 = time.perf_counter()
     mix = get_mix(opts.type)
     if opts.method not in METHODS:
@@ -78,7 +125,7 @@ def export_gguf(opts: GGUFExportOptions, progress: bool = True, loaded: LoadedMo
     hp = arch.hparams(loaded.model.config)
     meta = tokenizer_metadata(Path(loaded.source), loaded.tokenizer, hp.vocab_size)
     tensors = gguf_tensors(loaded.model, arch, hp)
-    plan = plan_types(mix, tensors, hp)
+    plan = resolve_plan(mix, {t.name: t.data.shape for t in tensors}, hp, opts.types)
     columns = {t.name: t.data.shape[-1] for t in tensors if t.data.ndim == 2 and plan[t.name].type not in FLOAT_TYPES}
     targets = calibration_targets(tensors, hp, plan)
     t1 = time.perf_counter()
@@ -92,6 +139,8 @@ def export_gguf(opts: GGUFExportOptions, progress: bool = True, loaded: LoadedMo
     for choice in plan.values():
         types[choice.type] = types.get(choice.type, 0) + 1
     return {"path": str(out), "type": mix.name, "method": opts.method, "bytes": out.stat().st_size,
-            "tensor_types": types, "fallbacks": {n: f"{c.wanted}->{c.type}" for n, c in plan.items() if c.fell_back},
+            "tensor_types": types, "per_tensor_types": {n: c.type for n, c in plan.items()},
+            "explicit": len(dict(opts.types)),
+            "fallbacks": {n: f"{c.wanted}->{c.type}" for n, c in plan.items() if c.fell_back},
             "seconds": {"load": t1 - t0, "calibrate": t2 - t1, "quantize": t3 - t2,
                         "total": time.perf_counter() - t0}}

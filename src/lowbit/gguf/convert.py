@@ -20,7 +20,7 @@ from lowbit.gguf.blocks import ROW_SLICE_ELEMENTS, get_block_type
 from lowbit.gguf.calibrate import Calibration, collect
 from lowbit.gguf.feedback import feedback_quantize
 from lowbit.gguf.imatrix import check_imatrix, read_imatrix, write_imatrix
-from lowbit.gguf.mixes import FLOAT_TYPES, Choice, Mix, TensorRole, choose_type, get_mix
+from lowbit.gguf.mixes import FLOAT_TYPES, Choice, Mix, TensorRole, choose_type, is_quantizable
 from lowbit.model.conv1d import linearize_conv1d
 from lowbit.model.load import LoadedModel
 
@@ -34,10 +34,14 @@ class GGUFExportOptions:
     method: ``rtn`` = llama.cpp's reference rounding (no calibration); ``imatrix`` = importance-weighted scale
     search; ``gptq`` = importance-weighted search plus error feedback. ``imatrix``: a llama.cpp imatrix.dat
     to read (if it exists) or to write (if not). Calibration windows come after the evaluation tokens.
+    ``type`` is the base mix (and the file's ``general.file_type``); ``types`` an explicit plan, pairs of
+    (GGUF tensor name, block type) such as ``(("blk.0.ffn_down.weight", "Q6_K"),)``, that override the mix's
+    choice for the tensors they name (checked by ``lowbit.gguf.plan.checked_types`` before any calibration).
     """
 
     model: str | None = None
     type: str = "Q4_K_M"
+    types: tuple[tuple[str, str], ...] = ()
     out: str | None = None
     method: str = "gptq"
     imatrix: str | None = None
@@ -62,9 +66,9 @@ class FloatTensor:
 _NOT_STORED = re.compile(r"(rotary|inv_freq|\.attn\.bias$|\.attn\.masked_bias$)")
 
 
-def gguf_tensors(model: torch.nn.Module, arch: Architecture, hp: HParams) -> list[FloatTensor]:
-    """The model's weights renamed and laid out for llama.cpp ([out, in] rows, tied output dropped, the
-    architecture's re-layouts applied)."""
+def stored_tensors(model: torch.nn.Module, arch: Architecture, hp: HParams) -> list[tuple[str, str, torch.Tensor]]:
+    """(GGUF name, state-dict name, tensor) of every entry llama.cpp stores, in file order, without copying or
+    re-laying out anything (tied output dropped, rotary caches skipped)."""
     out, seen, storages = [], set(), set()
     linearize_conv1d(model)  # a model not loaded through load_model may still hold [in, out] Conv1D weights
     for hf_name, tensor in model.state_dict().items():
@@ -80,16 +84,34 @@ def gguf_tensors(model: torch.nn.Module, arch: Architecture, hp: HParams) -> lis
         if name == "output.weight" and hp.tied_embeddings or name in seen:
             continue
         seen.add(name)
-        module = hf_name.rsplit(".", 1)[0]
+        out.append((name, hf_name, tensor))
+    return out
+
+
+def source_module(hf_name: str, tensor: torch.Tensor) -> str | None:
+    """The module a 2-D weight belongs to (``model.layers.0.mlp.down_proj``); None for 1-D tensors."""
+    return hf_name.rsplit(".", 1)[0] if tensor.dim() == 2 else None
+
+
+def gguf_tensors(model: torch.nn.Module, arch: Architecture, hp: HParams) -> list[FloatTensor]:
+    """The model's weights renamed and laid out for llama.cpp ([out, in] rows, tied output dropped, the
+    architecture's re-layouts applied)."""
+    out = []
+    for name, hf_name, tensor in stored_tensors(model, arch, hp):
         data = arch.transform(name, tensor.detach().float().cpu().numpy(), hp)
-        out.append(FloatTensor(name, np.ascontiguousarray(data, dtype=np.float32), module if tensor.dim() == 2 else None))
+        out.append(FloatTensor(name, np.ascontiguousarray(data, dtype=np.float32), source_module(hf_name, tensor)))
     return out
 
 
 def plan_types(mix: Mix, tensors: list[FloatTensor], hp: HParams) -> dict[str, Choice]:
     """Each tensor's block type under ``mix`` (llama.cpp's choices and fallbacks)."""
-    return {t.name: choose_type(mix, TensorRole(t.name, t.data.shape[-1], t.data.ndim, layer_of(t.name),
-                                                hp.n_layers, hp.n_gqa, hp.tied_embeddings)) for t in tensors}
+    return plan_shapes(mix, {t.name: t.data.shape for t in tensors}, hp)
+
+
+def plan_shapes(mix: Mix, shapes: dict[str, tuple[int, ...]], hp: HParams) -> dict[str, Choice]:
+    """``plan_types`` from tensor shapes alone (name -> (rows, ne0)), for planning without the weights."""
+    return {name: choose_type(mix, TensorRole(name, shape[-1], len(shape), layer_of(name), hp.n_layers, hp.n_gqa,
+                                              hp.tied_embeddings)) for name, shape in shapes.items()}
 
 
 def calibration_targets(tensors: list[FloatTensor], hp: HParams, plan: dict[str, Choice]) -> dict[str, str]:
@@ -126,11 +148,14 @@ def calibrate(opts: GGUFExportOptions, loaded: LoadedModel, targets: dict[str, s
 
 
 def all_targets(loaded: LoadedModel) -> dict[str, str]:
-    """Calibration targets covering every tensor any mix may quantize (to calibrate once for many exports)."""
+    """Calibration targets covering every tensor any mix or explicit plan may quantize (to calibrate once for
+    many exports): every quantizable tensor whose rows fit the smallest block (32 values)."""
     arch = get_architecture(loaded.model)
     hp = arch.hparams(loaded.model.config)
     tensors = gguf_tensors(loaded.model, arch, hp)
-    return calibration_targets(tensors, hp, plan_types(get_mix("Q8_0"), tensors, hp))
+    plan = {t.name: Choice("Q8_0", "Q8_0") if is_quantizable(t.name, t.data.ndim) and t.data.shape[-1] % 32 == 0
+            else Choice("F32", "F32") for t in tensors}
+    return calibration_targets(tensors, hp, plan)
 
 
 def encode_tensor(t: FloatTensor, choice: Choice, method: str, imatrix: dict | None, hessians: dict | None,

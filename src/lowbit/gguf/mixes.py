@@ -83,11 +83,15 @@ def block_size(type_name: str) -> int:
     return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]
 
 
-def quantizable(role: TensorRole) -> bool:
+def is_quantizable(name: str, n_dims: int) -> bool:
     """llama.cpp quantizes 2-D ``*.weight`` tensors except norms and position embeddings (GPT-2); everything
     else stays F32."""
-    return (role.n_dims >= 2 and role.name.endswith(".weight") and "_norm.weight" not in role.name
-            and role.name != "position_embd.weight")
+    return n_dims >= 2 and name.endswith(".weight") and "_norm.weight" not in name and name != "position_embd.weight"
+
+
+def quantizable(role: TensorRole) -> bool:
+    """``is_quantizable`` for a tensor's role."""
+    return is_quantizable(role.name, role.n_dims)
 
 
 def _more_bits(i: int, n: int) -> bool:

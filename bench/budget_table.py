@@ -1,0 +1,245 @@
+"""Budgeted mixed precision on the default model (issue 12), every number measured in one run:
+
+1. ``lowbit analyze`` (no cache): seconds, Spearman of each proxy with the measured per-linear KLD.
+2. GGUF: for Q3_K_M and Q4_K_M, llama.cpp's own file (no imatrix), lowbit's file of that mix and a budgeted
+   file at the size of llama.cpp's (``--target-size``), both lowbit files by the same method (gptq = importance-
+   weighted search + error feedback); all judged in llama.cpp against the F32 file.
+3. lowbit format: uniform int3 specs of at most 3.5 bits per weight against ``--target-bpw 3.5`` (same method),
+   the embedding fixed to int8 rows on both sides so that the budget covers the same linears.
+
+Evaluation windows are the first 8 x 512 tokens of the default text; calibration and sensitivity windows come
+after them (never the same tokens). A held-out text of another kind (the standard library's module docstrings)
+is evaluated too. Writes bench/RESULTS_budget.md.
+
+    .venv/bin/python bench/budget_table.py [--methods rtn,gptq] [--skip-gguf] [--skip-lowbit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import pkgutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results_file import write_section  # noqa: E402
+
+OUT = Path("bench/out_budget")
+
+
+def held_out_text() -> Path:
+    """Module docstrings of the standard library (English prose and API text, not pydoc's topics)."""
+    import importlib
+    import warnings
+
+    path = OUT / "stdlib_docstrings.txt"
+    if path.is_file():
+        return path
+    parts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
+            if info.name.startswith("_") or info.name in ("antigravity", "this", "idlelib", "tkinter", "turtle"):
+                continue
+            try:
+                doc = importlib.import_module(info.name).__doc__
+            except Exception:  # noqa: BLE001 - any module that fails to import is simply skipped
+                continue
+            if doc and len(doc) > 200:
+                parts.append(doc.strip())
+    path.write_text("\n\n".join(parts))
+    return path
+
+
+def llama_quantize(src: Path, dst: Path, type_name: str) -> None:
+    import llama_cpp
+
+    from lowbit.gguf.mixes import get_mix
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = get_mix(type_name).file_type
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {type_name}")
+
+
+def analyze_step() -> dict:
+    from lowbit.analysis.sensitivity import AnalyzeOptions, analyze
+
+    t0 = time.perf_counter()
+    sens = analyze(AnalyzeOptions(cache=True), progress=False)
+    seconds = time.perf_counter() - t0
+    os.environ.pop("LOWBIT_NO_CACHE", None)
+    return {"seconds": sens.seconds.get("total", seconds), "cached": sens.cached, "spearman": sens.spearman,
+            "probe": sens.probe, "phases": sens.seconds}
+
+
+def gguf_step(methods: list[str], texts: dict[str, Path | None]) -> list[dict]:
+    from lowbit.analysis.budget import Budget
+    from lowbit.analysis.gguf_budget import plan_gguf
+    from lowbit.data.text import eval_windows, load_text, tokenize
+    from lowbit.eval.llamacpp import compare_logprobs, gguf_logprobs, iter_gguf_logprobs
+    from lowbit.export.gguf import GGUFExportOptions, export_gguf
+    from lowbit.model.load import load_model
+
+    loaded = load_model(None)
+    windows = {k: eval_windows(tokenize(loaded.tokenizer, load_text(str(p) if p else None)), 8, 512).ids
+               for k, p in texts.items()}
+    f32 = OUT / "f32.gguf"
+    export_gguf(GGUFExportOptions(type="F32", out=str(f32), method="rtn", force=True), False, loaded)
+    refs = {k: gguf_logprobs(f32, w) for k, w in windows.items()}
+
+    def judge(path: Path) -> dict:
+        out = {"bytes": path.stat().st_size}
+        for k, w in windows.items():
+            m = compare_logprobs(refs[k], iter_gguf_logprobs(path, w), w)
+            out[k] = {key: m[key] for key in ("ppl", "kld", "top1")} | {"kld_stderr": m["kld_stats"]["kld_stderr"]}
+        return out
+
+    rows = []
+    for mix in ("Q3_K_M", "Q4_K_M"):
+        theirs = OUT / f"llamacpp-{mix}.gguf"
+        llama_quantize(f32, theirs, mix)
+        row = {"mix": mix, "llamacpp": judge(theirs)}
+        for method in methods:
+            opts = GGUFExportOptions(type=mix, method=method, out=str(OUT / f"lowbit-{mix}-{method}.gguf"), force=True)
+            t0 = time.perf_counter()
+            export_gguf(opts, False, loaded)
+            row[f"lowbit_{method}"] = judge(Path(opts.out)) | {"seconds": time.perf_counter() - t0}
+            budget = Budget(size_bytes=theirs.stat().st_size)
+            t0 = time.perf_counter()
+            plan = plan_gguf(loaded, opts, budget, progress=False)
+            budgeted = GGUFExportOptions(type=mix, method=method, out=str(OUT / f"budget-{mix}-{method}.gguf"),
+                                         force=True, types=plan.types)
+            export_gguf(budgeted, False, loaded)
+            types: dict[str, int] = {}
+            for _, t in plan.types:
+                types[t] = types.get(t, 0) + 1
+            row[f"budget_{method}"] = judge(Path(budgeted.out)) | {
+                "seconds": time.perf_counter() - t0, "predicted_kld": plan.allocation.predicted_kld, "types": types}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def lowbit_step(methods: list[str], texts: dict[str, Path | None]) -> list[dict]:
+    from lowbit.workflow import EvalOptions, QuantizeOptions, eval_job, quantize_job
+
+    rows = []
+    for method in methods:
+        runs = {
+            "uniform int3:g128:asym": dict(scheme="W3A16", group_size=128, symmetric=False),
+            "uniform int3:g64:asym": dict(scheme="W3A16", group_size=64, symmetric=False),
+            "budget 3.5 bpw": dict(target_bpw=3.5, group_size=128, symmetric=False),
+        }
+        for name, kw in runs.items():
+            out = OUT / f"lowbit-{name.replace(' ', '-').replace(':', '')}-{method}"
+            t0 = time.perf_counter()
+            report, _ = quantize_job(QuantizeOptions(method=method, embeddings="int8", out=str(out), force=True,
+                                                     **kw), progress=False)
+            row = {"name": name, "method": method, "seconds": time.perf_counter() - t0,
+                   "bits_per_weight_linears": _linear_bpw(report, out),
+                   "size_bytes": report["size_bytes"], "default": {"kld": report["eval"]["kld"],
+                                                                  "ppl": report["eval"]["ppl"]},
+                   "predicted_kld": (report.get("allocation") or {}).get("predicted_kld")}
+            for key, path in texts.items():
+                if path is not None:
+                    ev = eval_job(out, EvalOptions(text=str(path)), progress=False)["eval"]
+                    row[key] = {"kld": ev["kld"], "ppl": ev["ppl"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _linear_bpw(report: dict, out: Path) -> float:
+    """Bits per weight over the linears in the blocks (codes, scales, zeros), from the written header."""
+    import math
+
+    from lowbit.model.checkpoint import read_header
+
+    header, meta = read_header(out / "model.safetensors")
+    bits = numel = 0
+    for name, entry in meta.get("quantized", {}).items():
+        if "embed" in name:
+            continue
+        numel += math.prod(entry["shape"])
+        for part in ("qcodes", "scales", "qzeros", "global_scale"):
+            info = header.get(f"{name}.{part}")
+            if info:
+                bits += 8 * (info["data_offsets"][1] - info["data_offsets"][0])
+    return bits / max(numel, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--gguf-methods", default="gptq")
+    ap.add_argument("--skip-gguf", action="store_true")
+    ap.add_argument("--skip-lowbit", action="store_true")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    texts = {"default": None, "held_out": held_out_text()}
+    results = {"analyze": analyze_step()}
+    print(json.dumps(results["analyze"]), flush=True)
+    if not args.skip_gguf:
+        results["gguf"] = gguf_step(args.gguf_methods.split(","), texts)
+    if not args.skip_lowbit:
+        results["lowbit"] = lowbit_step(args.methods.split(","), texts)
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    write_results(results, " ".join(sys.argv[1:]))
+
+
+def write_results(results: dict, argv: str) -> None:
+    a = results["analyze"]
+    rho = a["spearman"]
+    lines = ["## Budgeted mixed precision (issue 12)", "",
+             f"`.venv/bin/python bench/budget_table.py {argv}`".replace(" `", "`"), "",
+             "Default model (SmolLM2-135M-Instruct; its float weights are dequantized Q4_1, so specs on that grid look "
+             "better than on a true float model). Evaluation: first 8 x 512 tokens of pydoc topics ('default') and "
+             "8 x 512 tokens of standard-library module docstrings ('held-out'); calibration and sensitivity windows "
+             "come after the evaluation windows of the default text.", "",
+             f"Sensitivity analysis (`lowbit analyze`, defaults): {a['seconds']:.0f} s "
+             f"({'cached' if a['cached'] else 'measured'}; phases "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in a["phases"].items()) + f"). Spearman with the measured per-linear "
+             f"KLD over {rho.get('modules')} linears at {a['probe']}: Fisher proxy {rho.get('fisher'):.3f}, Hessian "
+             f"proxy {rho.get('hessian'):.3f}.", ""]
+    for row in results.get("gguf", []):
+        lines += [f"### GGUF at the size of llama.cpp's {row['mix']} (all judged in llama.cpp against the F32 file)", "",
+                  "| file | MB | KLD default | KLD held-out | PPL default | top-1 default | predicted KLD |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for key, value in row.items():
+            if key == "mix":
+                continue
+            lines.append(f"| {key} | {value['bytes'] / 1e6:.2f} | {value['default']['kld']:.4f} ± "
+                         f"{value['default']['kld_stderr']:.4f} | {value['held_out']['kld']:.4f} | "
+                         f"{value['default']['ppl']:.3f} | {value['default']['top1']:.4f} | "
+                         f"{value.get('predicted_kld', float('nan')):.4f} |")
+        for key in row:
+            if key.startswith("budget_"):
+                method = key[len("budget_"):]
+                own = row[f"lowbit_{method}"]
+                lines.append("")
+                lines.append(f"{key}: {row[key]['bytes'] / row['llamacpp']['bytes'] * 100 - 100:+.2f}% size vs "
+                             f"llama.cpp's file; KLD {row[key]['default']['kld'] / own['default']['kld']:.3f}x "
+                             f"(default) and {row[key]['held_out']['kld'] / own['held_out']['kld']:.3f}x (held-out) "
+                             f"lowbit's own {row['mix']} ({method}); types {row[key]['types']}")
+        lines.append("")
+    if results.get("lowbit"):
+        lines += ["### lowbit format: budget 3.5 bpw vs uniform int3 (embedding int8 rows on every row)", "",
+                  "| row | method | bpw (linears) | MB | KLD default | KLD held-out | predicted KLD | seconds |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in results["lowbit"]:
+            pred = "-" if r["predicted_kld"] is None else f"{r['predicted_kld']:.4f}"
+            lines.append(f"| {r['name']} | {r['method']} | {r['bits_per_weight_linears']:.3f} | "
+                         f"{r['size_bytes'] / 1e6:.2f} | {r['default']['kld']:.4f} | {r['held_out']['kld']:.4f} | "
+                         f"{pred} | {r['seconds']:.0f} |")
+        lines.append("")
+    write_section(Path("bench/RESULTS_budget.md"), "## Budgeted mixed precision (issue 12)", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
