@@ -73,6 +73,13 @@ def add_analysis_parsers(sub: Any) -> None:
     c.add_argument("--out", help="output folder (default out/<model>-compare)")
     c.set_defaults(handler=cmd_compare)
 
+    b = sub.add_parser("bench", help="measured tables: 'vision' = ResNet-50 ONNX FP32/FP16/INT8 size and latency "
+                       "with the digits CNN's float/INT8/W4A4/XNOR accuracy")
+    b.add_argument("target", choices=("vision",))
+    b.add_argument("--runs", type=int, default=20, help="timed onnxruntime runs per model (default 20)")
+    b.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    b.set_defaults(handler=cmd_bench)
+
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from lowbit.analysis.sensitivity import EVAL_TOKENS, AnalyzeOptions, analyze
@@ -125,3 +132,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     print_compare(result)
     print(f"wrote {html} and {md}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from lowbit.vision.table import digits_accuracies, export_resnet50, measure_latency, print_vision_table
+
+    accuracies = digits_accuracies()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure_latency(export_resnet50(Path(tmp)), runs=args.runs, threads=args.threads)
+    print_vision_table(rows, accuracies)

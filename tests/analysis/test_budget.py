@@ -66,3 +66,25 @@ def test_a_candidate_the_format_cannot_hold_is_refused_first(folder, tmp_path, m
     err = capsys.readouterr().err
     assert "int5:g32:asym cannot be written as gptq" in err
     assert not (tmp_path / "cache").exists()  # refused before any analysis
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+def test_a_mixed_plan_loads_in_transformers_as_compressed_tensors(tmp_path, monkeypatch):
+    """Several specs in one model become several compressed-tensors config groups; transformers reads them all."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.model.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    folder = save_tiny("llama", tmp_path / "llama")
+    out = tmp_path / "mix"
+    assert _quantize(folder, out, "--target-bpw", "5.2", "--candidates", "int3:g32,int4:g32,int8:channel",
+                     "--format", "lowbit,hf", "--embeddings", "keep", "--lm-head", "keep", "--no-eval") == 0
+    config = json.loads((tmp_path / "mix-hf" / "config.json").read_text())["quantization_config"]
+    assert len(config["config_groups"]) >= 2
+    ours, _, _ = load_checkpoint(out)
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "mix-hf"), dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)

@@ -60,9 +60,11 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def choose(sens: Sensitivity, budget: Budget, fixed_bytes: int, fuse: bool, exclude: frozenset[str]) -> Allocation:
-    """The optimal allocation of ``sens``'s modules (minus ``exclude``) under ``budget``."""
-    items = build_items(sens, fuse=fuse, exclude=exclude)
+def choose(sens: Sensitivity, budget: Budget, fixed_bytes: int, fuse: bool, exclude: frozenset[str],
+           allowed: tuple[str, ...] | None = None) -> Allocation:
+    """The optimal allocation of ``sens``'s modules (minus ``exclude``) under ``budget``, choosing among
+    ``allowed`` candidates (None: every analyzed one)."""
+    items = build_items(sens, fuse=fuse, exclude=exclude, allowed=allowed)
     if not items:
         raise LowbitError("every weight is fixed by a rule or flag: nothing is left for the budget to allocate")
     bits = budget.bits(items, fixed_bytes)

@@ -40,6 +40,7 @@ def plan_gguf(loaded: LoadedModel, opts: Any, budget: Budget, candidates: tuple[
 
     analysis = AnalyzeOptions(model=opts.model, candidates=candidates, formats=("gguf",), calib_text=opts.calib_text,
                               eval_tokens=EVAL_TOKENS if opts.calib_text is None else 0)
+    analysis, allowed = analysis.for_allocation()
     sens = analyze(analysis, loaded=loaded, progress=progress)
     planned = [p for p in planned_tensors(loaded, opts.type) if p.quantizable]
     tensor_of = {p.module: p.name for p in planned if p.module}
@@ -47,12 +48,12 @@ def plan_gguf(loaded: LoadedModel, opts: Any, budget: Budget, candidates: tuple[
     allocated = {tensor_of[m.name] for m in sens.modules if m.name in tensor_of}
     fixed = sum(tensor_bytes(p.choice.type, p.shape) for p in planned if p.name not in allocated)
     # The overhead with every allocated tensor at its first candidate: another plan moves it by padding only.
-    draft = tuple((tensor_of[m.name], next(iter(m.bits))) for m in sens.modules if m.name in tensor_of)
-    fixed += overhead_bytes(replace(opts, types=draft), loaded)
-    items = build_items(sens, fuse=False, exclude=exclude)
+    items = build_items(sens, fuse=False, exclude=exclude, allowed=allowed)
     if not items:
         raise LowbitError("no tensor of this model can be allocated GGUF types")
-    allocation = choose(sens, budget, fixed, fuse=False, exclude=exclude)
+    draft = tuple((it.name, it.options[0].candidate) for it in items)
+    fixed += overhead_bytes(replace(opts, types=tuple((tensor_of[m], c) for m, c in draft)), loaded)
+    allocation = choose(sens, budget, fixed, fuse=False, exclude=exclude, allowed=allowed)
     types = tuple((tensor_of[module], cand) for module, cand in allocation.choices.items())
     return GGUFPlan(types, allocation, sens)
 

@@ -50,12 +50,13 @@ def plan_budget(loaded: LoadedModel, base: Recipe, budget: Budget, analysis: Ana
         fixed_rules.append(Rule(targets=(emb,), spec=parse_choice(embeddings, "--embeddings")))
     if lm_head and head and not tied:
         fixed_rules.append(Rule(targets=(head,), spec=parse_choice(lm_head, "--lm-head")))
+    analysis, allowed = analysis.for_allocation()
     sens = analyze(analysis, loaded=loaded, progress=progress)
     modules = dict(model.named_modules())
     exclude = frozenset(m.name for m in sens.modules if _fixed(m.name, modules[m.name], fixed_rules, user_ignore)
                         or (tied and head and m.name == head and lm_head))
     fixed_bytes = _fixed_bytes(model, base, sens, exclude, tuple(fixed_rules), user_ignore)
-    allocation = choose(sens, budget, fixed_bytes, fuse=True, exclude=exclude)
+    allocation = choose(sens, budget, fixed_bytes, fuse=True, exclude=exclude, allowed=allowed)
     recipe = allocation_recipe(base, allocation, budget, sens, tuple(fixed_rules), input_spec)
     reason = f"budgeted allocation, {budget.label()}"
     heads = EmbeddingPlan(recipe, emb, head, tied, "fixed by --embeddings" if embeddings else reason,

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,19 @@ class AnalyzeOptions:
     def candidate_set(self) -> tuple[Candidate, ...]:
         texts = self.candidates or default_candidates(self.group_size, self.symmetric, "gguf" in self.formats)
         return candidates_for(texts, self.formats, self.float_dtype, explicit=bool(self.candidates))
+
+    def for_allocation(self) -> tuple["AnalyzeOptions", tuple[str, ...] | None]:
+        """(what to analyze, which candidates the allocation may pick; None: all of them). Candidates that are a
+        subset of the default set restrict the allocation over the default (cached) analysis, so that trying
+        another candidate set costs no new measurement."""
+        if not self.candidates:
+            return self, None
+        chosen = self.candidate_set()  # validates them for the formats
+        defaults = replace(self, candidates=()).candidate_set()
+        default_names = {c.name for c in defaults}
+        if all(c.name in default_names for c in chosen):
+            return replace(self, candidates=()), tuple(c.name for c in chosen)
+        return self, None
 
 
 @dataclass
