@@ -177,6 +177,10 @@ def _linear_bpw(report: dict, out: Path) -> float:
     return bits / max(numel, 1)
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="rtn,gptq")
@@ -190,23 +194,30 @@ def main() -> None:
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     texts = {"default": None, "held_out": held_out_text()}
-    results = {"analyze": analyze_step()}
+    previous = OUT / "results.json"  # steps skipped this time keep their last measured rows
+    results = json.loads(previous.read_text()) if previous.is_file() else {}
+    command = " ".join([".venv/bin/python bench/budget_table.py", *sys.argv[1:]])
+    commands = results.setdefault("commands", {})
+    results["analyze"] = analyze_step()
+    commands["analyze"] = command
     print(json.dumps(results["analyze"]), flush=True)
     if not args.skip_gguf:
         results["gguf"] = gguf_step(args.gguf_methods.split(","), texts, tuple(args.gguf_candidates.split(",")),
                                     args.mixes.split(","))
         results["gguf_candidates"] = args.gguf_candidates
+        commands["gguf"] = command
     if not args.skip_lowbit:
         results["lowbit"] = lowbit_step(args.methods.split(","), texts)
+        commands["lowbit"] = command
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
-    write_results(results, " ".join(sys.argv[1:]))
+    write_results(results)
 
 
-def write_results(results: dict, argv: str) -> None:
+def write_results(results: dict) -> None:
     a = results["analyze"]
     rho = a["spearman"]
     lines = ["## Budgeted mixed precision (issue 12)", "",
-             f"`.venv/bin/python bench/budget_table.py {argv}`".replace(" `", "`"), "",
+             *(f"- {step}: `{cmd}`" for step, cmd in results.get("commands", {}).items()), "",
              "Default model (SmolLM2-135M-Instruct; its float weights are dequantized Q4_1, so specs on that grid look "
              "better than on a true float model). Evaluation: first 8 x 512 tokens of pydoc topics ('default') and "
              "8 x 512 tokens of standard-library module docstrings ('held-out'); calibration and sensitivity windows "
@@ -228,7 +239,7 @@ def write_results(results: dict, argv: str) -> None:
             lines.append(f"| {key} | {value['bytes'] / 1e6:.2f} | {value['default']['kld']:.4f} ± "
                          f"{value['default']['kld_stderr']:.4f} | {value['held_out']['kld']:.4f} | "
                          f"{value['default']['ppl']:.3f} | {value['default']['top1']:.4f} | "
-                         f"{value.get('predicted_kld', float('nan')):.4f} |")
+                         f"{_num(value.get('predicted_kld'))} |")
         for key in row:
             if key.startswith("budget_"):
                 method = key[len("budget_"):]

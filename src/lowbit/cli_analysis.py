@@ -57,7 +57,8 @@ def add_analysis_parsers(sub: Any) -> None:
     c.add_argument("model", nargs="?", help="HF folder, .gguf file, or built-in 'smollm2' (default)")
     c.add_argument("--schemes", help="comma-separated schemes, e.g. W8A16,W4A16,NVFP4")
     c.add_argument("--methods", default="rtn", help="comma-separated methods for every scheme (default rtn)")
-    c.add_argument("--formats", help="comma-separated GGUF rows, e.g. gguf:Q4_K_M,gguf:Q3_K_M")
+    c.add_argument("--formats", help="comma-separated GGUF rows, e.g. gguf:Q4_K_M,gguf:Q3_K_M (quantized by the first "
+                   "--methods entry GGUF has: rtn, imatrix or gptq; else gptq), measured in llama.cpp")
     c.add_argument("--presets", help="comma-separated presets (edge, mobile, layers)")
     c.add_argument("--target-bpw", help="comma-separated budgets (average bits per weight) for budgeted mixes")
     c.add_argument("--candidates", help="candidate precisions of the budgeted mixes (default int2..int8, keep)")

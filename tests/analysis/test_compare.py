@@ -34,10 +34,10 @@ def test_every_row_is_measured_on_the_same_tokens(compared):
     _, out, _ = compared
     result = json.loads((out / "compare.json").read_text())
     names = [r["name"] for r in result["rows"]]
-    assert names == ["W8A16 g32 rtn", "W3A16 g32 rtn", "gguf Q8_0", "preset edge", "mix 4 bpw rtn"]
+    assert names == ["W8A16 g32 rtn", "W3A16 g32 rtn", "gguf Q8_0 rtn", "preset edge", "mix 4 bpw rtn"]
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["W8A16 g32 rtn"]["kld"] < rows["W3A16 g32 rtn"]["kld"]
-    assert rows["gguf Q8_0"]["format"] == "gguf" and rows["gguf Q8_0"]["kld"] < rows["W3A16 g32 rtn"]["kld"]
+    assert rows["gguf Q8_0 rtn"]["format"] == "gguf" and rows["gguf Q8_0 rtn"]["kld"] < rows["W3A16 g32 rtn"]["kld"]
     assert rows["mix 4 bpw rtn"]["predicted_kld"] > 0
     assert all(r["kld_stats"]["n"] == 2 * 63 for r in result["rows"])
     assert len({r["ppl_base"] for r in result["rows"]}) == 1 or max(
@@ -68,7 +68,7 @@ def test_the_page_in_headless_chromium(compared, tmp_path):
         driver.get((out / "compare.html").resolve().as_uri())
         rows = driver.find_elements(By.CSS_SELECTOR, "table#results tbody tr")
         assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == [
-            "W8A16 g32 rtn", "W3A16 g32 rtn", "gguf Q8_0", "preset edge", "mix 4 bpw rtn"]
+            "W8A16 g32 rtn", "W3A16 g32 rtn", "gguf Q8_0 rtn", "preset edge", "mix 4 bpw rtn"]
         images = driver.find_elements(By.CSS_SELECTOR, "img.plot")
         assert len(images) >= 3  # Pareto, sensitivity bars, layer histograms
         for img in images:
@@ -81,4 +81,4 @@ def test_the_page_in_headless_chromium(compared, tmp_path):
     pixels = imread(shot)[..., :3]
     assert pixels.std() > 0.05 and (pixels.min(axis=-1) < 0.5).mean() > 0.01
     md = (out / "compare.md").read_text()
-    assert all(name in md for name in ("W8A16 g32 rtn", "gguf Q8_0", "mix 4 bpw rtn"))
+    assert all(name in md for name in ("W8A16 g32 rtn", "gguf Q8_0 rtn", "mix 4 bpw rtn"))

@@ -103,14 +103,18 @@ def parse_candidate(text: str, gguf: bool = False, float_dtype: str = "fp16") ->
     return Candidate(str(spec), spec=spec)
 
 
+DEFAULT_GROUPS = (128, 64, 32)
+
+
 def default_candidates(group_size: int | None, symmetric: bool | None, gguf: bool) -> tuple[str, ...]:
-    """int2..int8 on the user's grouping (default groups of 128, asymmetric) plus int8 per channel and keep;
-    or, for GGUF, the legacy and k-quant types and F16."""
+    """int2..int6 in groups of 128, 64 and 32 (or only the user's --group-size), asymmetric unless --sym, plus
+    int8 per channel and keep; or, for GGUF, the legacy and k-quant types and F16. Group sizes are choices too:
+    a 3-bit layer in groups of 64 can beat a mix of 3 and 4 bits in groups of 128 at the same size."""
     if gguf:
         return GGUF_CANDIDATES
-    g = group_size or 128
+    groups = (group_size,) if group_size else DEFAULT_GROUPS
     sym = "" if symmetric else ":asym"
-    return (*(f"int{b}:g{g}{sym}" for b in (2, 3, 4, 5, 6)), "int8:channel", KEEP)
+    return (*(f"int{b}:g{g}{sym}" for b in (2, 3, 4, 5, 6) for g in groups), "int8:channel", KEEP)
 
 
 def probe_candidate(candidates: tuple[Candidate, ...]) -> Candidate:

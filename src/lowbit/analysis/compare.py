@@ -23,6 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.io_utils import atomic_file
 
 ROW_VERSION = 1
+GGUF_METHODS = ("rtn", "imatrix", "gptq")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ def build_rows(schemes: tuple[str, ...], methods: tuple[str, ...], gguf_types: t
     """The rows in display order; names say what each is."""
     g = f" g{group_size}" if group_size else ""
     rows = [RowSpec(f"{s}{g} {m}", "scheme", scheme=s, method=m) for s in schemes for m in methods]
-    rows += [RowSpec(f"gguf {t}", "gguf", gguf_type=t.upper()) for t in gguf_types]
+    gguf_method = methods[0] if methods and methods[0] in GGUF_METHODS else "gptq"  # the same method where it exists
+    rows += [RowSpec(f"gguf {t.upper()} {gguf_method}", "gguf", method=gguf_method, gguf_type=t.upper())
+             for t in gguf_types]
     rows += [RowSpec(f"preset {p}", "preset", preset=p, method=methods[0] if methods else "rtn") for p in presets]
     rows += [RowSpec(f"mix {b:g} bpw {m}", "budget", target_bpw=b, method=m) for b in budgets for m in methods]
     if not rows:
@@ -142,13 +145,13 @@ def _gguf_row(row: RowSpec, opts: CompareOptions, progress: bool) -> dict[str, A
     reference = lm_reference(loaded.model, windows, progress=progress)
     numel = sum(p.numel() for p in loaded.model.parameters())
     summary = export_gguf(GGUFExportOptions(model=base.model, type=row.gguf_type,
-                                            out=str(opts.out / "rows" / f"{row.slug}.gguf"), method="gptq",
+                                            out=str(opts.out / "rows" / f"{row.slug}.gguf"), method=row.method,
                                             calib_text=base.calibration.text, eval_tokens=ev.windows * ev.length,
                                             force=True), progress=progress, loaded=loaded)
     del loaded
     metrics = compare_logprobs(reference.logprobs, iter_gguf_logprobs(summary["path"], windows), windows)
     return {
-        "name": row.name, "kind": "gguf", "format": "gguf", "scheme": row.gguf_type, "method": "gptq",
+        "name": row.name, "kind": "gguf", "format": "gguf", "scheme": row.gguf_type, "method": row.method,
         "size_bytes": summary["bytes"], "bits_per_weight": 8 * summary["bytes"] / numel,
         "ppl": metrics["ppl"], "ppl_base": metrics["ppl_base"], "kld": metrics["kld"], "top1": metrics["top1"],
         "cosine": None, "seconds": summary["seconds"]["quantize"], "predicted_kld": None,

@@ -146,7 +146,9 @@ def fingerprint(loaded: LoadedModel, opts: AnalyzeOptions, candidates: tuple[Can
         if f.is_file():
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    fields = {k: v for k, v in asdict(opts).items() if k not in ("model", "cache", "candidates", "formats")}
+    # The resolved candidate names stand for the options that only choose them (grouping, symmetry, formats).
+    fields = {k: v for k, v in asdict(opts).items()
+              if k not in ("model", "cache", "candidates", "formats", "group_size", "symmetric")}
     h.update(json.dumps([SENSITIVITY_VERSION, [c.name for c in candidates], fields], sort_keys=True).encode())
     return h.hexdigest()[:20]
 
@@ -266,6 +268,7 @@ def _measure(loaded: LoadedModel, opts: AnalyzeOptions, candidates: tuple[Candid
     del deltas
     t3 = time.perf_counter()
     blocks = _measure_blocks(probe, targets, candidates, stats.linears, progress) if opts.blocks else []
+
     if opts.heads:
         modules += _measure_heads(probe, model, candidates, stats.linears, progress)
     t4 = time.perf_counter()
@@ -285,8 +288,8 @@ def _measure_blocks(probe: KLDProbe, targets: dict[str, nn.Linear], candidates: 
     per_block: dict[int, list[str]] = {}
     for name in targets:
         per_block.setdefault(probe.block_index(name), []).append(name)
-    work = [(i, c) for i in sorted(per_block) for c in candidates
-            if (c.spec is not None or c.is_gguf) and c.bits_per_weight() < 16]
+    reference = probe_candidate(candidates)
+    work = [(i, c) for i in sorted(per_block) for c in candidates if _block_candidate(c, reference)]
     results: dict[int, dict[str, float]] = {}
     for index, cand in tqdm(work, desc="KLD per block", disable=not progress):
         names = [n for n in per_block[index] if cand.fits(*targets[n].weight.shape)]
@@ -297,6 +300,18 @@ def _measure_blocks(probe: KLDProbe, targets: dict[str, nn.Linear], candidates: 
     for index in sorted(per_block):
         out.append({"index": index, "modules": per_block[index], "kld": results.get(index, {})})
     return out
+
+
+def _block_candidate(c: Candidate, probe: Candidate) -> bool:
+    """Whole blocks are measured at the quantized candidates below 16 bits with the probe's granularity
+    (int2..int6 in the probe's groups and int8 per channel; every GGUF type): the per-block table of the report."""
+    if c.is_gguf:
+        return c.bits_per_weight() < 16
+    if c.spec is None:
+        return False
+    same = probe.spec is not None and (c.spec.granularity, c.spec.group_size) == (probe.spec.granularity,
+                                                                                 probe.spec.group_size)
+    return same or c.spec.granularity == "channel"
 
 
 def _measure_heads(probe: KLDProbe, model: nn.Module, candidates: tuple[Candidate, ...],
