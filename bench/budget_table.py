@@ -129,7 +129,7 @@ def gguf_step(methods: list[str], texts: dict[str, Path | None], candidates: tup
     return rows
 
 
-def lowbit_step(methods: list[str], texts: dict[str, Path | None]) -> list[dict]:
+def lowbit_step(methods: list[str], texts: dict[str, Path | None], only: list[str] | None = None) -> list[dict]:
     from lowbit.workflow import EvalOptions, QuantizeOptions, eval_job, quantize_job
 
     rows = []
@@ -137,9 +137,11 @@ def lowbit_step(methods: list[str], texts: dict[str, Path | None]) -> list[dict]
         runs = {
             "uniform int3:g128:asym": dict(scheme="W3A16", group_size=128, symmetric=False),
             "uniform int3:g64:asym": dict(scheme="W3A16", group_size=64, symmetric=False),
-            "budget 3.5 bpw": dict(target_bpw=3.5, group_size=128, symmetric=False),
+            "budget 3.5 bpw": dict(target_bpw=3.5, symmetric=False),  # default candidates: int2..6 g128/64/32
         }
         for name, kw in runs.items():
+            if only and name not in only:
+                continue
             out = OUT / f"lowbit-{name.replace(' ', '-').replace(':', '')}-{method}"
             t0 = time.perf_counter()
             report, _ = quantize_job(QuantizeOptions(method=method, embeddings="int8", out=str(out), force=True,
@@ -189,6 +191,7 @@ def main() -> None:
                     help="the types of llama.cpp's k-quant mixes and their fallbacks (default); Q4_1/Q5_1 left out: "
                          "this model's weights are dequantized Q4_1, so that grid is lossless here")
     ap.add_argument("--mixes", default="Q3_K_M,Q4_K_M")
+    ap.add_argument("--rows", help="comma-separated lowbit rows to measure (default: all)")
     ap.add_argument("--skip-gguf", action="store_true")
     ap.add_argument("--skip-lowbit", action="store_true")
     args = ap.parse_args()
@@ -207,7 +210,9 @@ def main() -> None:
         results["gguf_candidates"] = args.gguf_candidates
         commands["gguf"] = command
     if not args.skip_lowbit:
-        results["lowbit"] = lowbit_step(args.methods.split(","), texts)
+        rows = lowbit_step(args.methods.split(","), texts, args.rows.split(",") if args.rows else None)
+        keep = [r for r in results.get("lowbit", []) if (r["name"], r["method"]) not in {(n["name"], n["method"]) for n in rows}]
+        results["lowbit"] = keep + rows
         commands["lowbit"] = command
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     write_results(results)
