@@ -316,16 +316,16 @@ def _block_candidate(c: Candidate, probe: Candidate) -> bool:
 
 def _measure_heads(probe: KLDProbe, model: nn.Module, candidates: tuple[Candidate, ...],
                    stats: dict[str, LinearStats], progress: bool) -> list[ModuleSensitivity]:
-    """The embedding and an untied head, measured at the candidates of the per-block table and keep (their
-    proxies would need their own statistics; each measurement is a forward pass of the whole model)."""
+    """The embedding and an untied head, measured at every candidate (their proxies would need their own
+    statistics; each measurement is one forward pass of the model, and a restricted --candidates set may pick
+    any of them)."""
     out = []
     last = len(probe.blocks) - 1
     for name, kind, module in _heads(model):
         w = module.weight.detach().float()
         m = ModuleSensitivity(name, tuple(w.shape), kind, name, {})
-        reference = probe_candidate(candidates)
         for cand in tqdm(candidates, desc=f"KLD of {name}", disable=not progress):
-            if not cand.fits(*w.shape) or not (_block_candidate(cand, reference) or cand.name == KEEP):
+            if not cand.fits(*w.shape):
                 continue
             m.bits[cand.name] = cand.bits(*w.shape)
             if cand.spec is None and not cand.is_gguf:
