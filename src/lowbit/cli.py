@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "predicted KLD at B average bits per weight (over the allocated weights)")
     target.add_argument("--target-size", metavar="SIZE", help="as --target-bpw, for a total size (e.g. 90MB): the "
                         "weights file, or the GGUF file")
-    b.add_argument("--candidates", help="comma-separated precisions to choose from (default int2..int6 in groups, "
+    b.add_argument("--candidates", help="comma-separated precisions to choose from (default int2..int6 in groups of 128/64/32, "
                    "int8 per channel, keep; GGUF: Q2_K..Q8_0, F16)")
     q.add_argument("--out", help="output folder (default out/<model>-<scheme>...)")
     q.add_argument("--force", action="store_true", help="replace an existing output folder")
