@@ -71,11 +71,10 @@ def preset_recipe(name: str) -> Recipe:
 
 def resolve_targets(recipe: Recipe, model: nn.Module) -> Recipe:
     """``@embeddings`` / ``@head`` replaced by the model's module names (dropped when it has none)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    aliases = {"@embeddings": names.get(id(emb)) if emb is not None else None,
-               "@head": names.get(id(head)) if head is not None else None}
+    from lowbit.model.embeddings import head_names
+
+    emb, head, _ = head_names(model)
+    aliases = {"@embeddings": emb, "@head": head}
 
     def resolve(targets: tuple[str, ...]) -> tuple[str, ...]:
         unknown = [t for t in targets if t.startswith("@") and t not in aliases]

@@ -15,7 +15,7 @@ from lowbit.analysis.allocate import Allocation
 from lowbit.analysis.budget import Budget, allocation_recipe, choose
 from lowbit.analysis.sensitivity import AnalyzeOptions, Sensitivity, analyze
 from lowbit.eval.estimate import FLOAT_BYTES, recipe_bytes
-from lowbit.model.embeddings import EmbeddingPlan, parse_choice
+from lowbit.model.embeddings import EmbeddingPlan, head_names, parse_choice
 from lowbit.model.load import LoadedModel
 from lowbit.recipe import Recipe, Rule, target_matches
 
@@ -31,20 +31,12 @@ class BudgetedPlan:
     sensitivity: Sensitivity
 
 
-def _heads(model: nn.Module) -> tuple[str | None, str | None, bool]:
-    names = {id(m): n for n, m in model.named_modules()}
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = emb is not None and head is not None and head.weight is emb.weight
-    return (names.get(id(emb)) if emb is not None else None, names.get(id(head)) if head is not None else None, tied)
-
-
 def plan_budget(loaded: LoadedModel, base: Recipe, budget: Budget, analysis: AnalyzeOptions, user_rules: tuple[Rule, ...],
                 user_ignore: tuple[str, ...], embeddings: str | None, lm_head: str | None, input_spec=None,
                 progress: bool = True) -> BudgetedPlan:
     """Analyze (or read the cached analysis), allocate under ``budget``, and build the recipe."""
     model = loaded.model
-    emb, head, tied = _heads(model)
+    emb, head, tied = head_names(model)
     fixed_rules = list(user_rules)
     if embeddings and emb:
         fixed_rules.append(Rule(targets=(emb,), spec=parse_choice(embeddings, "--embeddings")))

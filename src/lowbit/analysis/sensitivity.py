@@ -218,14 +218,13 @@ def _targets(model: nn.Module) -> dict[str, nn.Linear]:
 
 def _heads(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     """(name, kind, module) of the token embedding and of an untied output head."""
-    names = {id(m): n for n, m in model.named_modules()}
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    out = []
-    if isinstance(emb, nn.Embedding):
-        out.append((names[id(emb)], "embedding", emb))
-    if isinstance(head, nn.Linear) and (emb is None or head.weight is not emb.weight):
-        out.append((names[id(head)], "head", head))
+    from lowbit.model.embeddings import head_names
+
+    emb, head, tied = head_names(model)
+    modules = dict(model.named_modules())
+    out = [(emb, "embedding", modules[emb])] if emb and isinstance(modules[emb], nn.Embedding) else []
+    if head and not tied and isinstance(modules[head], nn.Linear):
+        out.append((head, "head", modules[head]))
     return out
 
 

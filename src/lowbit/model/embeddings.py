@@ -83,6 +83,15 @@ def embedding_share(model: nn.Module) -> float:
     return emb.weight.numel() / total if total else 0.0
 
 
+def head_names(model: nn.Module) -> tuple[str | None, str | None, bool]:
+    """(token embedding module name, output head module name, whether the head is tied to the embedding);
+    a name is None where the model has no such module."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = emb is not None and head is not None and head.weight is emb.weight
+    return _module_name(model, emb), _module_name(model, head), tied
+
+
 def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
     if module is None:
         return None
