@@ -28,7 +28,8 @@ def add_export_parser(sub: Any) -> None:
     targets = e.add_subparsers(dest="target", required=True)
     g = targets.add_parser("gguf", help="write a GGUF v3 file for llama.cpp", epilog=EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("model", nargs="?", help="HF folder, .gguf file, or built-in 'smollm2' (default)")
+    g.add_argument("model", nargs="?", help="HF folder, .gguf file, built-in 'smollm2' (default), or a lowbit output "
+                   "folder whose grids match the type (TQ2_0, TQ1_0, Q4_0, Q8_0: written as is, e.g. after lowbit qat)")
     g.add_argument("--type", default="Q4_K_M", help=f"{', '.join(MIXES)} (default Q4_K_M)")
     g.add_argument("--method", default="gptq", choices=METHODS,
                    help="rtn: llama.cpp's reference rounding; imatrix: importance-weighted scale search; "
@@ -53,13 +54,18 @@ def add_export_parser(sub: Any) -> None:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
-    from lowbit.export.gguf import export_gguf
+    from lowbit.export.gguf import export_gguf, export_gguf_checkpoint, is_lowbit_checkpoint
     from lowbit.model.load import load_model
 
     opts = GGUFExportOptions(model=args.model, type=args.type, out=args.out, method=args.method,
                              imatrix=args.imatrix, calib_text=args.calib_text, calib_samples=args.calib_samples,
                              eval_tokens=args.windows * 512, force=args.force)
     budget = _budget(args)
+    if is_lowbit_checkpoint(args.model):
+        if budget is not None or getattr(args, "recipe", None):
+            raise LowbitError("a lowbit checkpoint is written with the types its grids already have; "
+                              "--target-*/--recipe apply to an original model")
+        return _print_export(export_gguf_checkpoint(args.model, opts, progress=not args.json), args, None)
     if budget is not None and getattr(args, "recipe", None):
         raise LowbitError("--target-bpw/--target-size choose the types themselves; drop --recipe")
     if getattr(args, "recipe", None):
@@ -86,7 +92,17 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
 
         summary["recipe"] = str(save_plan_recipe(recipe, summary["path"]))
         summary["allocation"] = recipe.options["allocation"]
+    _print_export(summary, args, loaded)
+
+
+def _print_export(summary: dict[str, Any], args: argparse.Namespace, loaded: Any) -> None:
+    """Evaluate in llama.cpp if asked (against the original) and print the summary."""
     if args.eval:
+        if loaded is None:
+            from lowbit.model.checkpoint import read_manifest
+            from lowbit.model.load import load_model
+
+            loaded = load_model(read_manifest(Path(args.model))["source"])
         reference = _reference(loaded, args.windows)
         del loaded  # llama.cpp runs the file now: the float model's memory is not needed beside it
         summary["eval"] = _evaluate(summary["path"], reference)

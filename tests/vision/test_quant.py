@@ -7,7 +7,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import dequantize
 from lowbit.vision.quant import ActQuant, WeightQuant
 from lowbit.vision.schemes import get_scheme
-from lowbit.vision.ste import lsq_grad_scale, lsq_quantize, sign_ste
+from lowbit.training.ste import lsq_grad_scale, lsq_quantize, sign_ste
 
 
 @pytest.mark.parametrize("spec", ["int8:channel:scale=fp32", "int4:channel:mse:scale=fp32"])

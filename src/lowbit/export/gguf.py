@@ -144,3 +144,68 @@ def export_gguf(opts: GGUFExportOptions, progress: bool = True, loaded: LoadedMo
             "fallbacks": {n: f"{c.wanted}->{c.type}" for n, c in plan.items() if c.fell_back},
             "seconds": {"load": t1 - t0, "calibrate": t2 - t1, "quantize": t3 - t2,
                         "total": time.perf_counter() - t0}}
+
+
+def is_lowbit_checkpoint(path: str | Path | None) -> bool:
+    """Whether ``path`` is a lowbit output folder (``lowbit quantize`` / ``lowbit qat``)."""
+    return path is not None and Path(path).is_dir() and (Path(path) / "lowbit.json").is_file()
+
+
+def export_gguf_checkpoint(folder: str | Path, opts: GGUFExportOptions, progress: bool = True) -> dict[str, Any]:
+    """Write a lowbit checkpoint as GGUF without re-quantizing its quantized tensors.
+
+    Each tensor gets the type the mix ``opts.type`` (or ``opts.types``) plans for it. A tensor the checkpoint
+    holds quantized must already be on that type's grid (``lowbit.gguf.twins``: TQ2_0/TQ1_0, Q4_0, Q8_0): its
+    codes and scales are laid out as llama.cpp's blocks and checked to decode to the checkpoint's values
+    bit for bit; any other type is refused, naming the spec that would fit. Tensors the checkpoint keeps in
+    float (embeddings, norms, layers left out) are encoded as llama.cpp's own quantizer does (``rtn``)."""
+    from lowbit.gguf.twins import check_exact, encode_twin, twin_spec
+    from lowbit.model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_qtensors
+
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    mix = get_mix(opts.type)
+    out = Path(opts.out) if opts.out else folder.with_name(f"{folder.name}-{mix.name}.gguf")
+    if out.exists() and not opts.force:
+        raise LowbitError(f"output {out} already exists; choose another --out or pass --force to replace it")
+    model, tokenizer, manifest = load_checkpoint(folder)
+    if manifest.get("kind") != CAUSAL_LM:
+        raise LowbitError(f"GGUF export needs a causal language model; {folder} holds an encoder")
+    qtensors, _ = read_qtensors(folder / WEIGHTS_FILE)
+    arch = get_architecture(model)
+    hp = arch.hparams(model.config)
+    source = Path(manifest.get("source", ""))
+    if not source.exists():
+        raise LowbitError(f"{folder}: the original model {source} (for the tokenizer metadata) is not there")
+    meta = tokenizer_metadata(source, tokenizer, hp.vocab_size)
+    tensors = gguf_tensors(model, arch, hp)
+    plan = resolve_plan(mix, {t.name: t.data.shape for t in tensors}, hp, opts.types)
+    encoded, exact = [], 0
+    for t in tensors:
+        choice = plan[t.name]
+        qt = qtensors.get(f"{t.module}.weight") if t.module else None
+        if qt is None or choice.type in FLOAT_TYPES:
+            encoded.append((t.name, encode_tensor(t, choice, "rtn", None, None, opts.damp)))
+            continue
+        if twin_spec(choice.type) is None:
+            raise LowbitError(f"{t.name} is quantized in the checkpoint ({qt.spec}) but {mix.name} plans "
+                              f"{choice.type} for it, which is not a grid lowbit trains on; choose a mix of TQ2_0, "
+                              "TQ1_0, Q4_0 or Q8_0, or export the original model")
+
+        def layout(a: np.ndarray, name: str = t.name) -> np.ndarray:
+            return np.ascontiguousarray(arch.transform(name, a, hp), dtype=np.float32)
+
+        data = encode_twin(qt, choice.type, layout)
+        check_exact(qt, choice.type, data, layout)
+        encoded.append((t.name, data))
+        exact += 1
+    with atomic_file(out, force=opts.force) as tmp:
+        _write(tmp, arch, hp, mix, folder.name, meta, encoded, plan, "lowbit checkpoint")
+    types: dict[str, int] = {}
+    for choice in plan.values():
+        types[choice.type] = types.get(choice.type, 0) + 1
+    return {"path": str(out), "type": mix.name, "method": "checkpoint", "bytes": out.stat().st_size,
+            "tensor_types": types, "per_tensor_types": {n: c.type for n, c in plan.items()}, "explicit": 0,
+            "exact_from_codes": exact,
+            "fallbacks": {n: f"{c.wanted}->{c.type}" for n, c in plan.items() if c.fell_back},
+            "seconds": {"total": time.perf_counter() - t0}}

@@ -20,7 +20,7 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.formats.registry import get_format
 from lowbit.methods.rtn import rtn
 from lowbit.observers.ranges import AbsSample, get_range_observer
-from lowbit.vision.ste import binary_weight, lsq_grad_scale, lsq_quantize, sign_ste, xnor_input_scale
+from lowbit.training.ste import binary_weight, lsq_grad_scale, lsq_quantize, sign_ste, xnor_input_scale
 
 
 def act_grid(bits: int, signed: bool) -> tuple[int, int, float]:

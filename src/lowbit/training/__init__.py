@@ -1,0 +1,1 @@
+"""Quantization-aware training: fake-quant layers with STE/LSQ gradients, distillation loop, resumable state."""
