@@ -6,7 +6,9 @@ result. The ternary row trains on the grids of llama.cpp's TQ2_0 mix (``--gguf-t
 from the trained codes and evaluates it in llama.cpp, beside llama.cpp's own TQ2_0 quantization (round to
 nearest, no imatrix) of the F32 GGUF of the same model.
 
-Usage: ``.venv/bin/python bench/qat_table.py [--rows w2g64,w3g128,tq2] [--minutes 60]``; results are appended
+Usage: ``.venv/bin/python bench/qat_table.py [--rows w2g64,w3g128,tq2] [--minutes 60]``, alone on the machine
+(on a shared machine set OMP_NUM_THREADS=1: two-thread parallel regions beside another busy process were measured
+170x slower on the fake-quant kernels, one thread is not slowed at all); results are appended
 to bench/RESULTS_qat.md with the commands. The default model's float weights are dequantized Q4_1 (asymmetric
 4-bit, groups of 32): 2- and 3-bit grids are far from that grid, so it does not flatter these rows.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -121,7 +124,8 @@ def main() -> None:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     text = (f"## QAT rows {args.rows} on the default model ({time.strftime('%Y-%m-%d')}, {model}, 2 cores)\n\n"
-            f"Command: `.venv/bin/python bench/qat_table.py --rows {args.rows} --minutes {args.minutes:g} "
+            f"Command: `{'OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'] + ' ' if 'OMP_NUM_THREADS' in os.environ else ''}"
+            f".venv/bin/python bench/qat_table.py --rows {args.rows} --minutes {args.minutes:g} "
             f"--steps {args.steps}{' --extra ' + repr(args.extra) if args.extra else ''}`. Evaluation: the first 8 x "
             "512 tokens of pydoc topics; training windows come after them (never the evaluation tokens); PTQ = the "
             "post-training start of the same run, on the same windows. Training: KL to the original's next-token "

@@ -136,3 +136,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, folders, capsys, arg
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert code == 2 and len(errors) == 1 and errors[0].startswith("lowbit: error:") and message in errors[0], errors
     assert not out.exists()
+
+
+def test_ternary_qat_on_gguf_twins_is_written_to_tq2_as_trained(tmp_path):
+    from lowbit.eval.llamacpp import gguf_logprobs
+    from lowbit.export.gguf import export_gguf_checkpoint
+    from lowbit.gguf.convert import GGUFExportOptions
+
+    hf = save_tiny("qwen2", tmp_path / "hf", hidden_size=256, intermediate_size=512)
+    opts = replace(_options(hf, tmp_path / "qat", steps=8, lr_weights=3e-3), gguf_type="TQ2_0")
+    report, out = qat_job(opts, progress=False)
+    assert report["eval"]["kld"] < report["qat"]["start_eval"]["kld"]
+    heads = (("token_embd.weight", "F32"), ("output.weight", "F32"))
+    summary = export_gguf_checkpoint(out, GGUFExportOptions(type="TQ2_0", types=heads, out=str(tmp_path / "t.gguf")))
+    assert summary["exact_from_codes"] == 14 and summary["tensor_types"]["TQ2_0"] == 14
+    model, _, _ = load_checkpoint(out)
+    ids = torch.randint(3, 500, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    got = gguf_logprobs(summary["path"], ids)[0]
+    assert float((ref.exp() * (ref - got)).sum(-1).mean()) < 5e-3  # llama.cpp's int8 activations only

@@ -17,6 +17,7 @@ import torch
 from lowbit import __version__
 from lowbit.data.text import calibration_windows, eval_windows, load_text, paragraphs, text_label, tokenize
 from lowbit.errors import LowbitError
+from lowbit.hardware import cpu_has_bf16  # noqa: F401  (re-exported: bench scripts import it from here)
 from lowbit.formats.activation import parse_activation_spec
 from lowbit.eval.encoder import compare_embeddings, embed
 from lowbit.eval.lm import compare_lm, lm_reference
@@ -253,15 +254,6 @@ def _compute_dtype(opts: QuantizeOptions) -> torch.dtype:
     if opts.calibration.dtype == "auto":
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return torch.bfloat16 if opts.calibration.dtype == "bf16" else torch.float32
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (oneDNN says so: AVX512-BF16 or AMX); without them
-    bf16 autocast is several times slower than fp32 (measured 8x on an AVX2-only EPYC)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _calibration_samples(loaded: LoadedModel, opts: QuantizeOptions) -> tuple[torch.Tensor, dict[str, Any]]:

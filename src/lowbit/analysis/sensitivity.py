@@ -182,7 +182,7 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None, progress: b
 
 
 def _compute_dtype(name: str) -> torch.dtype:
-    from lowbit.workflow import cpu_has_bf16
+    from lowbit.hardware import cpu_has_bf16
 
     if name == "auto":
         return torch.bfloat16 if cpu_has_bf16() else torch.float32

@@ -208,7 +208,7 @@ def _prepare_for_training(model: nn.Module, checkpointing: bool) -> None:
 
 
 def _autocast_factory(dtype: str, device: torch.device) -> Callable:
-    from lowbit.workflow import cpu_has_bf16
+    from lowbit.hardware import cpu_has_bf16
 
     use_bf16 = dtype == "bf16" or (dtype == "auto" and (device.type == "cuda" or cpu_has_bf16()))
     if not use_bf16:
