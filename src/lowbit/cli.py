@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import __version__
+from lowbit.cli_ab import add_ab_parsers
 from lowbit.cli_analysis import add_analysis_parsers
 from lowbit.cli_export import add_export_parser
 from lowbit.cli_train import add_train_parsers
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
     add_export_parser(sub)
     add_analysis_parsers(sub)
+    add_ab_parsers(sub)
     add_train_parsers(sub)
     return parser
 
