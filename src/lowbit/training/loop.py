@@ -176,7 +176,7 @@ def _accumulate(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, pic
         with autocast():
             loss, _ = distillation_loss(model(ids).logits, target, ids, options.ce_weight)
         if not torch.isfinite(loss):
-            return float(loss)
+            return float(loss.detach())
         (loss / n_micro).backward()
         total += float(loss.detach()) / n_micro
     return total
