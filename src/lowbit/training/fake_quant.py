@@ -27,7 +27,7 @@ from lowbit.formats.qtensor import QTensor
 from lowbit.formats.registry import get_format
 from lowbit.formats.scales import SCALE_TORCH_DTYPES
 from lowbit.formats.spec import QuantSpec
-from lowbit.training.ste import lsq_grad_scale, round_ste, scale_grad
+from lowbit.training.ste import lsq_grad_scale, round_ste, scale_grad, sign_ste
 
 TRAINABLE_FORMATS = ("int2", "int3", "int4", "int5", "int6", "int7", "int8", "ternary", "binary")
 TRAINABLE_SCALES = ("fp32", "fp16", "bf16")
@@ -74,9 +74,7 @@ class QATLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         fmt = get_format(spec.format)
         self.scale_dtype = SCALE_TORCH_DTYPES[spec.scale_dtype]
-        if spec.format == "binary":
-            self.qmin, self.qmax = -1, 1
-        elif spec.format == "ternary":
+        if spec.format in ("binary", "ternary"):
             self.qmin, self.qmax = -1, 1
         elif spec.symmetric:
             self.qmin, self.qmax = fmt.signed_range()
@@ -112,9 +110,7 @@ class QATLinear(nn.Module):
         """Integer grid values (as floats, with STE) of the grouped latent weights ``w`` for steps ``s``."""
         x = w / s
         if self.spec.format == "binary":
-            hard = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-            soft = torch.clamp(x, -1.0, 1.0)
-            return soft + (hard - soft).detach()
+            return sign_ste(x)
         if self.zero is not None:
             z = self._zero()
             return torch.clamp(round_ste(x) + z, self.qmin, self.qmax) - z

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.training.distill import distillation_loss, next_token_logprobs
 from lowbit.training.fake_quant import qat_parameters
-from lowbit.training.state import TrainState, has_state, load_state, save_state
+from lowbit.training.state import TrainState, has_state, load_state, save_state, saved_step
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def train(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, monitor_i
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             raise LowbitError(f"the QAT loss became {loss_value} at step {state.step + 1}; training stopped, the "
-                              f"last good state is in {state_dir} (step {_saved_step(state_dir)}); try a lower "
+                              f"last good state is in {state_dir} (step {saved_step(state_dir) or 'none saved yet'}); try a lower "
                               "learning rate")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         _check_gradients(model)
@@ -221,12 +221,3 @@ def _last_monitor(state: TrainState) -> float:
         if "monitor_kld" in record:
             return record["monitor_kld"]
     return float("nan")
-
-
-def _saved_step(state_dir: Path) -> str:
-    import json
-
-    try:
-        return str(json.loads((state_dir / "state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return "none saved yet"

@@ -53,6 +53,14 @@ def save_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     os.replace(tmp_json, folder / STATE_JSON)
 
 
+def saved_step(folder: Path) -> int | None:
+    """The step of the state saved in ``folder``, or None if there is none (or it cannot be read)."""
+    try:
+        return int(json.loads((folder / STATE_JSON).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def has_state(folder: Path) -> bool:
     return (folder / STATE_JSON).is_file() and (folder / STATE_TENSORS).is_file()
 
