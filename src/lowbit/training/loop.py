@@ -139,7 +139,8 @@ def train(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, monitor_i
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             raise LowbitError(f"the QAT loss became {loss_value} at step {state.step + 1}; training stopped, the "
-                              f"last good state is in {state_dir} (step {saved_step(state_dir) or 'none saved yet'}); try a lower "
+                              f"last good state is in {state_dir} (step {saved_step(state_dir) or 'none saved yet'}); "
+                              "try a lower "
                               "learning rate")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         _check_gradients(model)
