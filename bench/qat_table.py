@@ -58,7 +58,9 @@ def qat_row(name: str, extra: list[str], minutes: float, steps: int) -> dict:
     row = {"name": name, "command": " ".join(["lowbit", *cmd[1:]]), "spec": report["spec"], "init": qat["init"],
            "bpw": report["bits_per_weight"], "ptq_kld": qat["start_eval"]["kld"], "qat_kld": report["eval"]["kld"],
            "ptq_ppl": qat["start_eval"]["ppl"], "qat_ppl": report["eval"]["ppl"], "ppl_base": report["eval"]["ppl_base"],
-           "steps": qat["steps_done"], "train_min": report["seconds"]["train"] / 60, "wall_min": wall / 60,
+           "steps": qat["steps_done"], "blocks_min": (report["seconds"].get("blocks") or 0.0) / 60,
+           "train_min": (report["seconds"]["train"] + (report["seconds"].get("blocks") or 0.0)) / 60,
+           "wall_min": wall / 60,
            "tokens": qat["steps_done"] * qat["options"]["batch_windows"] * qat["data"]["length"],
            "history": [h for h in qat["history"] if "monitor_kld" in h]}
     if name == "tq2":
@@ -93,7 +95,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['name']} | `{r['spec']}` | {r['init']} | {r['bpw']:.3f} | {r['ptq_kld']:.4f} | "
                      f"{r['qat_kld']:.4f} | {r['qat_kld'] / r['ptq_kld']:.3f}x | {r['ptq_ppl']:.2f} | "
-                     f"{r['qat_ppl']:.2f} | {r['steps']} | {r['tokens']} | {r['train_min']:.1f} |")
+                     f"{r['qat_ppl']:.2f} | {r['steps']} | {r['tokens']} | {r.get('blocks_min', 0.0):.1f} | {r['train_min']:.1f} |")
     text = "\n".join(lines) + "\n"
     for r in rows:
         if "gguf" in r:

@@ -15,6 +15,7 @@ from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.model.checkpoint import load_checkpoint
 from lowbit.training import loop
+from lowbit.training.blockwise import BlockOptions
 from lowbit.training.loop import TrainOptions
 from lowbit.workflow import EvalOptions, QuantizeOptions, eval_job
 from lowbit.workflow_qat import QATOptions, qat_job
@@ -38,10 +39,12 @@ def _options(model: Path, out: Path, **train) -> QATOptions:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_qat_lowers_the_kld_and_writes_an_ordinary_checkpoint(tmp_path, folders, family):
-    report, out = qat_job(_options(folders[family], tmp_path / "out", steps=40, lr_weights=3e-3), progress=False)
+    opts = replace(_options(folders[family], tmp_path / "out", steps=40, lr_weights=3e-3), blocks=None)
+    report, out = qat_job(opts, progress=False)  # end to end only
     start, end = report["qat"]["start_eval"]["kld"], report["eval"]["kld"]
     assert end < 0.85 * start, (start, end)
     assert report["qat"]["steps_done"] == 40 and report["qat"]["trained_tensors"] >= 14
+    assert report["qat"]["blocks"] is None
     monitors = [h["monitor_kld"] for h in report["qat"]["history"] if "monitor_kld" in h]
     assert monitors[-1] < monitors[0]
     # the checkpoint, reloaded and re-evaluated as any lowbit output, computes what the report measured
@@ -49,6 +52,18 @@ def test_qat_lowers_the_kld_and_writes_an_ordinary_checkpoint(tmp_path, folders,
     assert again["eval"]["kld"] == pytest.approx(end, rel=1e-4)
     model, _, manifest = load_checkpoint(out)
     assert manifest["qat"] is True and manifest["spec"] == "int2:g32:asym"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_block_wise_phase_runs_first_by_default_and_lowers_the_kld(tmp_path, folders, family):
+    opts = _options(folders[family], tmp_path / "out", steps=2)
+    assert opts.blocks == BlockOptions()  # on unless asked otherwise
+    report, _ = qat_job(opts, progress=False)
+    start, end = report["qat"]["start_eval"]["kld"], report["eval"]["kld"]
+    assert end < start, (start, end)  # tiny random models gain little; the default model: bench/RESULTS_qat.md
+    blocks = report["qat"]["blocks"]  # every block, each closer to the original's output than at the start
+    assert len(blocks) == 2 and all(b["rel_mse_after"] < b["rel_mse_before"] for b in blocks), blocks
+    assert report["seconds"]["blocks"] > 0
 
 
 def test_resume_after_an_interruption_writes_the_same_bytes(tmp_path, folders, monkeypatch):
@@ -126,6 +141,7 @@ def test_no_gradient_through_a_quantized_layer_is_refused(tmp_path, folders):
     (["--batch", "100000"], "fewer than one batch"),
     (["--batch", "3", "--micro-batch", "2"], "multiple of --micro-batch"),
     (["--steps", "0"], "must be positive"),
+    (["--block-epochs", "-1"], "--block-epochs must be 0 or more"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, folders, capsys, args, message):
     out = tmp_path / "out"
@@ -156,3 +172,41 @@ def test_ternary_qat_on_gguf_twins_is_written_to_tq2_as_trained(tmp_path):
         ref = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
     got = gguf_logprobs(summary["path"], ids)[0]
     assert float((ref.exp() * (ref - got)).sum(-1).mean()) < 5e-3  # llama.cpp's int8 activations only
+
+
+def test_compressed_tensors_and_onnx_exporters_write_a_qat_checkpoint(tmp_path, folders):
+    """The trained checkpoint is ordinary: transformers loads its compressed-tensors folder and onnxruntime runs
+    its MatMulNBits graph, both computing what lowbit's own reload of the checkpoint computes."""
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from lowbit.export.compressed_tensors import export_hf
+    from tests.export.test_compressed_tensors import _round_like_compressed_tensors
+    from lowbit.export.onnx_checkpoint import OnnxCheckpointOptions, export_onnx_checkpoint
+
+    opts = _options(folders["qwen2"], tmp_path / "qat", steps=4)
+    opts = replace(opts, quantize=replace(opts.quantize, scheme="W4A16", group_size=32, symmetric=True, embeddings="keep"))
+    _, out = qat_job(opts, progress=False)
+    ours, _, _ = load_checkpoint(out)
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+    export_hf(out, tmp_path / "ct")
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    _round_like_compressed_tensors(ours, out)  # it dequantizes in the scales' dtype (fp16)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    summary = export_onnx_checkpoint(OnnxCheckpointOptions(str(out), str(tmp_path / "q.onnx")))
+    assert list(summary["lowering"].values()).count("matmulnbits") == 14  # the blocks; the int8 head: QDQ
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    inputs = {"input_ids": ids.numpy()}
+    names = {i.name for i in session.get_inputs()}
+    if "attention_mask" in names:
+        inputs["attention_mask"] = np.ones_like(inputs["input_ids"])
+    got = session.run(["logits"], {k: v for k, v in inputs.items() if k in names})[0]
+    assert np.abs(got - expected.numpy()).max() < 1e-4 * max(1.0, float(expected.abs().max()))

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.training.blockwise import BlockOptions
+from lowbit.workflow_qat import QATOptions
+
+BLOCK_DEFAULTS = BlockOptions()
+QAT_DEFAULT_BLOCK_WINDOWS = QATOptions().block_windows
 
 QAT_EXAMPLES = """examples:
   lowbit qat --scheme W2A16 --group-size 64 --asym --method gptq --act-order --steps 200
@@ -60,6 +66,14 @@ def add_train_parsers(sub: Any) -> None:
                    help="training precision (auto: bf16 autocast where the CPU or GPU runs bf16 natively)")
     t.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing them "
                    "(faster, more memory)")
+    b = p.add_argument_group("block-wise phase (before end-to-end training)")
+    b.add_argument("--block-epochs", type=int, default=BLOCK_DEFAULTS.epochs,
+                   help=f"passes over the block-wise windows per decoder block (default {BLOCK_DEFAULTS.epochs}; 0 skips "
+                        "the phase)")
+    b.add_argument("--block-windows", type=int, default=QAT_DEFAULT_BLOCK_WINDOWS,
+                   help=f"training windows of the block-wise phase (default {QAT_DEFAULT_BLOCK_WINDOWS})")
+    b.add_argument("--block-lr", type=float, default=BLOCK_DEFAULTS.lr_weights,
+                   help=f"learning rate of the latent weights per block (default {BLOCK_DEFAULTS.lr_weights:g})")
     c = p.add_argument_group("calibration of the post-training start (gptq, awq)")
     c.add_argument("--calib-text", help="calibration text (default: pydoc topics after the evaluation part)")
     c.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
@@ -71,12 +85,13 @@ def qat_options(args: argparse.Namespace):
     """The QATOptions these arguments ask for."""
     from lowbit.training.loop import TrainOptions
     from lowbit.workflow import CalibrationOptions, EvalOptions, QuantizeOptions
-    from lowbit.workflow_qat import QATOptions
 
     if args.steps <= 0 or args.batch <= 0 or args.micro_batch <= 0 or args.train_length < 2:
         raise LowbitError("--steps, --batch and --micro-batch must be positive and --train-length at least 2")
     if args.batch % args.micro_batch:
         raise LowbitError(f"--batch ({args.batch}) must be a multiple of --micro-batch ({args.micro_batch})")
+    if args.block_epochs < 0 or args.block_windows <= 0:
+        raise LowbitError("--block-epochs must be 0 or more and --block-windows positive")
     if args.calib_samples <= 0:
         raise LowbitError("--calib-samples must be positive")
     defaults = TrainOptions()
@@ -94,7 +109,10 @@ def qat_options(args: argparse.Namespace):
         calibration=CalibrationOptions(args.calib_text, args.calib_samples),
         method_options=(("act_order", True),) if args.act_order else ())
     return QATOptions(quantize=quantize, train=train, text=args.train_text if args.train_text else args.text,
-                      length=args.train_length, resume=args.resume, gguf_type=args.gguf_type)
+                      length=args.train_length, resume=args.resume, gguf_type=args.gguf_type,
+                      blocks=replace(BLOCK_DEFAULTS, epochs=args.block_epochs, lr_weights=args.block_lr,
+                                     lr_quant=args.block_lr / 2, max_minutes=args.minutes, dtype=args.dtype),
+                      block_windows=args.block_windows)
 
 
 def cmd_qat(args: argparse.Namespace) -> None:

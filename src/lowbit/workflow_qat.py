@@ -4,8 +4,10 @@
    frozen copy as the teacher.
 2. Quantize it with the chosen post-training method (RTN, GPTQ or AWQ) exactly as ``lowbit quantize`` does.
 3. Replace every quantized linear by a QATLinear on the same grid, starting from the PTQ codes and scales, and
-   train latent weights, steps, zero points and norms to match the teacher (lowbit.training.loop), on windows
-   of the training text that never overlap the evaluation windows.
+   train latent weights, steps, zero points and norms on windows of the training text that never overlap the
+   evaluation windows: first block by block, each decoder block against the original block's output
+   (lowbit.training.blockwise: cheap, and it moves low-bit codes far in minutes), then end to end against the
+   teacher's next-token distribution (lowbit.training.loop). ``--minutes`` caps both phases together.
 4. Write the trained codes as a lowbit checkpoint (the same files ``lowbit quantize`` writes, so every
    exporter reads it), with the PTQ start's and the trained model's measurements side by side in report.json.
 """
@@ -32,8 +34,10 @@ from lowbit.model.finite import check_parameters, check_quantized, probe_inputs
 from lowbit.model.load import CAUSAL_LM, load_model
 from lowbit.pipeline.calibrated import peak_rss_mb, quantize_calibrated
 from lowbit.recipe import save_recipe
+from lowbit.training.blockwise import BlockOptions, reconstruct_blocks
 from lowbit.training.fake_quant import QATLinear, check_trainable
 from lowbit.training.loop import TrainOptions, train
+from lowbit.training.state import saved_step
 from lowbit.workflow import (Evaluator, QuantizeOptions, _calibration_samples, _compute_dtype, _manifest, _report,
                              build_recipe, default_out_dir, heads_report, plan_heads, recipe_needs_calibration,
                              resolve_aliases, write_report)
@@ -52,6 +56,8 @@ class QATOptions:
     length: int = 512
     resume: bool = False
     gguf_type: str | None = None  # train on the twin grids of this GGUF mix's per-tensor types (lowbit.gguf.twins)
+    blocks: BlockOptions | None = field(default_factory=BlockOptions)  # block-wise phase first (None: skip it)
+    block_windows: int = 64  # training windows the block-wise phase uses (the first ones)
 
 
 def qat_job(opts: QATOptions, progress: bool = True) -> tuple[dict[str, Any], Path]:
@@ -94,7 +100,12 @@ def qat_job(opts: QATOptions, progress: bool = True) -> tuple[dict[str, Any], Pa
     wrapped = _wrap(qm, trainable, teacher if qopts.method == "rtn" else None)
     fingerprint = _fingerprint(loaded.source, recipe, opts, train_ids, monitor_ids)
     t2 = time.perf_counter()
-    state = train(qm.model, teacher, train_ids, monitor_ids, opts.train, state_dir, fingerprint, opts.resume, progress)
+    block_records = _block_phase(qm.model, teacher, train_ids, opts, state_dir, progress)
+    t_blocks = time.perf_counter() - t2
+    train_opts = opts.train
+    if train_opts.max_minutes is not None:  # --minutes caps both phases together
+        train_opts = replace(train_opts, max_minutes=max(0.0, train_opts.max_minutes - t_blocks / 60))
+    state = train(qm.model, teacher, train_ids, monitor_ids, train_opts, state_dir, fingerprint, opts.resume, progress)
     t_train = time.perf_counter() - t2
     del teacher
     _unwrap(qm, wrapped)
@@ -102,17 +113,28 @@ def qat_job(opts: QATOptions, progress: bool = True) -> tuple[dict[str, Any], Pa
     with atomic_directory(out_dir, force=qopts.force) as tmp:
         write_checkpoint(qm, tmp, loaded.model.config, loaded.tokenizer, _manifest(loaded, recipe) | {"qat": True})
         save_recipe(recipe, tmp / "recipe.yaml")
-        report = _report(loaded, qm, tmp, None, {"post_training": t_ptq, "train": t_train,
+        report = _report(loaded, qm, tmp, None, {"post_training": t_ptq, "blocks": t_blocks, "train": t_train,
                                                   "train_total_including_resumed": state.seconds})
         report.update(heads_report(heads, qm, loaded.model, report["size_bytes"]))
         report["qat"] = {"init": qopts.method, "gguf_type": opts.gguf_type, "options": asdict(opts.train), "data": data_info,
                          "steps_done": state.step, "trained_tensors": len(wrapped), "history": state.history,
+                         "blocks": block_records,
                          "start_eval": start_eval}
         report["eval"] = evaluator.compare(qm.model) if evaluator else None
         report["seconds"]["total"] = time.perf_counter() - t0
         report["peak_rss_mb"] = peak_rss_mb()
         write_report(report, tmp / "report.json")
     return report, out_dir
+
+
+def _block_phase(model: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, opts: QATOptions, state_dir: Path,
+                 progress: bool) -> list[dict[str, float]] | None:
+    """Block-wise reconstruction (lowbit.training.blockwise) unless skipped, or resumed past it."""
+    if opts.blocks is None or opts.blocks.epochs <= 0:
+        return None
+    if opts.resume and saved_step(state_dir) is not None:
+        return None  # the saved state already holds the block-wise result
+    return reconstruct_blocks(model, teacher, train_ids[: opts.block_windows], opts.blocks, progress)
 
 
 def _check_recipe(model: nn.Module, recipe) -> set[str]:
@@ -200,7 +222,8 @@ def _fingerprint(source: str, recipe, opts: QATOptions, train_ids: torch.Tensor,
     h = hashlib.sha256()
     train_opts = {k: v for k, v in asdict(opts.train).items() if k != "max_minutes"}
     h.update(json.dumps({"source": source, "recipe": repr(recipe), "train": train_opts,
-                         "method": opts.quantize.method}, sort_keys=True, default=str).encode())
+                         "method": opts.quantize.method, "blocks": asdict(opts.blocks) if opts.blocks else None,
+                         "block_windows": opts.block_windows}, sort_keys=True, default=str).encode())
     h.update(train_ids.numpy().tobytes())
     h.update(monitor_ids.numpy().tobytes())
     return h.hexdigest()
