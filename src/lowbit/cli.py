@@ -41,6 +41,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=8, help="LM evaluation windows (default 8)")
     p.add_argument("--window-length", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--sentences", type=int, default=256, help="encoder: paragraphs to embed (default 256)")
+    p.add_argument("--reference-store", choices=("fp32", "fp16"), default="fp32",
+                   help="how the original's log-probabilities are kept on disk while comparing: fp32 (exact, "
+                        "default) or fp16 (half the disk; mean KLD moves < 0.1%%, bench/RESULTS_eval.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _eval_options(args: argparse.Namespace):
     from lowbit.workflow import EvalOptions
 
-    return EvalOptions(text=args.text, windows=args.windows, length=args.window_length, sentences=args.sentences)
+    return EvalOptions(text=args.text, windows=args.windows, length=args.window_length, sentences=args.sentences,
+                       reference_store=args.reference_store)
 
 
 # Formats written from lowbit's own output folder, beside it as <folder>-<format>: the exporter's module and

@@ -116,9 +116,11 @@ def qat_options(args: argparse.Namespace):
 
 
 def cmd_qat(args: argparse.Namespace) -> None:
+    from lowbit.memory import reuse_freed_blocks
     from lowbit.report import print_report
     from lowbit.workflow_qat import qat_job
 
+    reuse_freed_blocks()  # training re-allocates the same activations every step
     report, out_dir = qat_job(qat_options(args), progress=True)  # the bar is on stderr, JSON on stdout
     if args.json:
         print(json.dumps(report, indent=2))

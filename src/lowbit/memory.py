@@ -30,3 +30,24 @@ def give_large_blocks_back(threshold: int = 1 << 20) -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold))
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         pass
+
+
+_M_TRIM_THRESHOLD = -1
+
+
+def reuse_freed_blocks() -> None:
+    """For training: keep freed blocks (up to glibc's 32 MB ceiling) in the heap and do not trim it.
+
+    A training step frees and re-allocates the same activations every step. With every block of 1 MB or more
+    mapped on its own (``give_large_blocks_back``), each step touched fresh pages: on the default model's
+    block-wise QAT, 100-170k page faults per second and ~40% of the CPU time in the kernel. Peak memory is
+    set by one step's activations anyway, so keeping them costs nothing more. No-op off Linux/glibc or when
+    MALLOC_MMAP_THRESHOLD_ is set in the environment."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass

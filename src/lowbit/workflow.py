@@ -45,6 +45,7 @@ class EvalOptions:
     windows: int = 8
     length: int = 512
     sentences: int = 256
+    reference_store: str = "fp32"  # the original's log-probabilities on disk: fp32 (exact) or fp16 (lowbit.eval.lm)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Evaluator:
         """Run the original model over the evaluation data and keep its outputs."""
         if self.kind == CAUSAL_LM:
             windows = eval_windows(tokenize(self.tokenizer, self.text), self.opts.windows, self.opts.length)
-            self.reference = lm_reference(model, windows.ids, self.progress)
+            self.reference = lm_reference(model, windows.ids, self.progress, self.opts.reference_store)
         else:
             self.sentences = paragraphs(self.text, self.opts.sentences)
             self.reference = embed(model, self.tokenizer, self.sentences, progress=self.progress)
@@ -185,13 +186,7 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
     if evaluator:
         evaluator.observe_original(loaded.model)
     t_ref = time.perf_counter() - t1
-    calibration = None
-    if recipe_needs_calibration(recipe):
-        calib_ids, calibration = _calibration_samples(loaded, opts)
-        qm = quantize_calibrated(loaded.model, recipe, calib_ids, opts.calibration.batch_size, progress,
-                                 compute_dtype=_compute_dtype(opts))
-    else:
-        qm = quantize_model(loaded.model, recipe, progress)
+    qm, calibration = post_training(loaded, recipe, opts, progress)
     if not qm.qtensors and recipe.rules and any(r.spec for r in recipe.rules):
         raise LowbitError("the recipe's rules matched no weight of this model; check the targets")
     check_quantized(qm, probe_inputs(loaded.kind, loaded.tokenizer,
@@ -199,9 +194,9 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
     if calibration is not None:
         calibration["fp32_blocks"] = qm.fp32_blocks
     with atomic_directory(out_dir, force=opts.force) as tmp:
-        write_checkpoint(qm, tmp, loaded.model.config, loaded.tokenizer, _manifest(loaded, recipe))
+        write_checkpoint(qm, tmp, loaded.model.config, loaded.tokenizer, checkpoint_manifest(loaded, recipe))
         save_recipe(recipe, tmp / "recipe.yaml")
-        report = _report(loaded, qm, tmp, None, {"load": t_load, "quantize": qm.seconds})
+        report = checkpoint_report(loaded, qm, tmp, None, {"load": t_load, "quantize": qm.seconds})
         report["calibration"] = calibration
         report.update(heads_report(heads, qm, loaded.model, report["size_bytes"]))
         qm.qtensors.clear()  # written; the evaluation needs only the fake-quant model (frees the codes' memory)
@@ -216,6 +211,19 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
         report["peak_rss_mb"] = peak_rss_mb()
         write_report(report, tmp / "report.json")
     return report, out_dir
+
+
+def post_training(loaded: LoadedModel, recipe: Recipe, opts: QuantizeOptions,
+                  progress: bool = True) -> tuple[QuantizedModel, dict[str, Any] | None]:
+    """Quantize ``loaded.model`` in place by ``recipe``: block by block with calibration samples when a method
+    needs them (GPTQ, AWQ, SmoothQuant, static activations), else tensor by tensor. Returns the result and the
+    calibration section of the report (None when uncalibrated)."""
+    if recipe_needs_calibration(recipe):
+        calib_ids, calibration = _calibration_samples(loaded, opts)
+        qm = quantize_calibrated(loaded.model, recipe, calib_ids, opts.calibration.batch_size, progress,
+                                 compute_dtype=_compute_dtype(opts))
+        return qm, calibration
+    return quantize_model(loaded.model, recipe, progress), None
 
 
 def _plan_budget(opts: QuantizeOptions, recipe: Recipe, loaded: LoadedModel, progress: bool):
@@ -298,9 +306,9 @@ def _stream_job(opts: QuantizeOptions, recipe: Recipe, out_dir: Path, progress: 
     check_quantized(qm, None)  # the blocks' weights are released; each quantized block's outputs were checked
     calibration["fp32_blocks"] = qm.fp32_blocks
     with atomic_directory(out_dir, force=opts.force) as tmp:
-        write_checkpoint(qm, tmp, source.config, loaded.tokenizer, _manifest(loaded, recipe))
+        write_checkpoint(qm, tmp, source.config, loaded.tokenizer, checkpoint_manifest(loaded, recipe))
         save_recipe(recipe, tmp / "recipe.yaml")
-        report = _report(loaded, qm, tmp, None, {"load": t_load, "quantize": qm.seconds})
+        report = checkpoint_report(loaded, qm, tmp, None, {"load": t_load, "quantize": qm.seconds})
         report.update(calibration=calibration, peak_rss_mb=peak_rss_mb(), streamed=True)
         report.update(heads_report(heads, qm, source.model, report["size_bytes"]))
         write_report(report, tmp / "report.json")
@@ -336,12 +344,12 @@ def _main_spec(recipe: Recipe) -> str | None:
     return specs[-1] if specs else None
 
 
-def _manifest(loaded: LoadedModel, recipe: Recipe) -> dict[str, Any]:
+def checkpoint_manifest(loaded: LoadedModel, recipe: Recipe) -> dict[str, Any]:
     return {"lowbit_version": __version__, "format_version": 1, "source": loaded.source, "kind": loaded.kind,
             "scheme": recipe.scheme, "method": recipe.method, "spec": _main_spec(recipe)}
 
 
-def _report(loaded: LoadedModel, qm: QuantizedModel, out: Path, metrics, seconds) -> dict[str, Any]:
+def checkpoint_report(loaded: LoadedModel, qm: QuantizedModel, out: Path, metrics, seconds) -> dict[str, Any]:
     weights = out / WEIGHTS_FILE
     bpw = quantized_bits_per_weight(weights)
     return {

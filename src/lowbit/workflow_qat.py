@@ -28,19 +28,18 @@ from torch import nn
 from lowbit.data.text import load_text, text_label, tokenize
 from lowbit.errors import LowbitError
 from lowbit.io_utils import atomic_directory
-from lowbit.model.apply import QuantizedModel, cast_float_tensors, plan, quantize_model
+from lowbit.model.apply import QuantizedModel, cast_float_tensors, plan
 from lowbit.model.checkpoint import write_checkpoint
 from lowbit.model.finite import check_parameters, check_quantized, probe_inputs
 from lowbit.model.load import CAUSAL_LM, load_model
-from lowbit.pipeline.calibrated import peak_rss_mb, quantize_calibrated
+from lowbit.pipeline.calibrated import peak_rss_mb
 from lowbit.recipe import save_recipe
 from lowbit.training.blockwise import BlockOptions, reconstruct_blocks
 from lowbit.training.fake_quant import QATLinear, check_trainable
 from lowbit.training.loop import TrainOptions, train
 from lowbit.training.state import saved_step
-from lowbit.workflow import (Evaluator, QuantizeOptions, _calibration_samples, _compute_dtype, _manifest, _report,
-                             build_recipe, default_out_dir, heads_report, plan_heads, recipe_needs_calibration,
-                             resolve_aliases, write_report)
+from lowbit.workflow import (Evaluator, QuantizeOptions, build_recipe, checkpoint_manifest, checkpoint_report,
+                             default_out_dir, heads_report, plan_heads, post_training, resolve_aliases, write_report)
 
 INIT_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 MONITOR_WINDOWS = 2
@@ -94,7 +93,7 @@ def qat_job(opts: QATOptions, progress: bool = True) -> tuple[dict[str, Any], Pa
         evaluator.observe_original(loaded.model)
     teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
     t1 = time.perf_counter()
-    qm = _post_training(loaded, recipe, qopts, progress)
+    qm, _ = post_training(loaded, recipe, qopts, progress)
     t_ptq = time.perf_counter() - t1
     start_eval = evaluator.compare(qm.model) if evaluator else None
     wrapped = _wrap(qm, trainable, teacher if qopts.method == "rtn" else None)
@@ -111,9 +110,9 @@ def qat_job(opts: QATOptions, progress: bool = True) -> tuple[dict[str, Any], Pa
     _unwrap(qm, wrapped)
     check_quantized(qm, probe_inputs(loaded.kind, loaded.tokenizer, load_text(qopts.eval.text)))
     with atomic_directory(out_dir, force=qopts.force) as tmp:
-        write_checkpoint(qm, tmp, loaded.model.config, loaded.tokenizer, _manifest(loaded, recipe) | {"qat": True})
+        write_checkpoint(qm, tmp, loaded.model.config, loaded.tokenizer, checkpoint_manifest(loaded, recipe) | {"qat": True})
         save_recipe(recipe, tmp / "recipe.yaml")
-        report = _report(loaded, qm, tmp, None, {"post_training": t_ptq, "blocks": t_blocks, "train": t_train,
+        report = checkpoint_report(loaded, qm, tmp, None, {"post_training": t_ptq, "blocks": t_blocks, "train": t_train,
                                                   "train_total_including_resumed": state.seconds})
         report.update(heads_report(heads, qm, loaded.model, report["size_bytes"]))
         report["qat"] = {"init": qopts.method, "gguf_type": opts.gguf_type, "options": asdict(opts.train), "data": data_info,
@@ -167,14 +166,6 @@ def _training_windows(tokenizer, opts: QATOptions) -> tuple[torch.Tensor, torch.
     info = {"text": text_label(opts.text), "first_token": skip, "windows": n, "length": opts.length,
             "monitor_windows": int(monitor.shape[0])}
     return windows, monitor, info
-
-
-def _post_training(loaded, recipe, qopts: QuantizeOptions, progress: bool) -> QuantizedModel:
-    if recipe_needs_calibration(recipe):
-        calib_ids, _ = _calibration_samples(loaded, qopts)
-        return quantize_calibrated(loaded.model, recipe, calib_ids, qopts.calibration.batch_size, progress,
-                                   compute_dtype=_compute_dtype(qopts))
-    return quantize_model(loaded.model, recipe, progress)
 
 
 def _wrap(qm: QuantizedModel, trainable: set[str], original: nn.Module | None) -> dict[str, QATLinear]:

@@ -68,3 +68,20 @@ def test_reference_held_in_a_plain_list_gives_the_same_metrics():
     ref = lm_reference(base, windows, progress=False)
     in_memory = LMReference(windows=windows, logprobs=list(ref.logprobs), nll_sum=ref.nll_sum)
     assert compare_lm(other, ref, progress=False) == compare_lm(other, in_memory, progress=False)
+
+
+def test_fp16_store_halves_the_file_and_moves_the_kld_by_well_under_one_percent():
+    torch.manual_seed(3)
+    vocab = 3000
+    base = TableLM(torch.randn(vocab, vocab) * 3)
+    other = TableLM(base.table.detach() + 0.3 * torch.randn(vocab, vocab))
+    windows = torch.randint(0, vocab, (3, 40))
+    exact = lm_reference(base, windows, progress=False)
+    compact = lm_reference(base, windows, progress=False, store="fp16")
+    for i in range(3):  # fp16 of the same values, read back as float32
+        assert torch.equal(compact.logprobs[i], exact.logprobs[i].half().float())
+    assert compact.logprobs._file.seek(0, 2) * 2 == exact.logprobs._file.seek(0, 2)
+    assert compact.ppl == exact.ppl  # the NLL comes from the exact values
+    k_exact = compare_lm(other, exact, progress=False)["kld"]
+    k_compact = compare_lm(other, compact, progress=False)["kld"]
+    assert k_exact > 0.01 and abs(k_compact - k_exact) < 1e-3 * k_exact, (k_exact, k_compact)
