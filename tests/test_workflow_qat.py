@@ -178,9 +178,9 @@ def test_compressed_tensors_and_onnx_exporters_write_a_qat_checkpoint(tmp_path, 
     """The trained checkpoint is ordinary: transformers loads its compressed-tensors folder and onnxruntime runs
     its MatMulNBits graph, both computing what lowbit's own reload of the checkpoint computes."""
     import numpy as np
-    import onnxruntime as ort
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+    from lowbit.eval.onnxruntime_lm import OnnxCausalLM
     from lowbit.export.compressed_tensors import export_hf
     from tests.export.test_compressed_tensors import _round_like_compressed_tensors
     from lowbit.export.onnx_checkpoint import OnnxCheckpointOptions, export_onnx_checkpoint
@@ -200,13 +200,6 @@ def test_compressed_tensors_and_onnx_exporters_write_a_qat_checkpoint(tmp_path, 
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     summary = export_onnx_checkpoint(OnnxCheckpointOptions(str(out), str(tmp_path / "q.onnx")))
     assert list(summary["lowering"].values()).count("matmulnbits") == 14  # the blocks; the int8 head: QDQ
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
-    inputs = {"input_ids": ids.numpy()}
-    names = {i.name for i in session.get_inputs()}
-    if "attention_mask" in names:
-        inputs["attention_mask"] = np.ones_like(inputs["input_ids"])
-    got = session.run(["logits"], {k: v for k, v in inputs.items() if k in names})[0]
+    lm = OnnxCausalLM(tmp_path / "q.onnx", threads=1, config={"session.qdq_matmulnbits_accuracy_level": "0"})
+    got = lm.run(ids.numpy())[0]  # the whole window, empty past
     assert np.abs(got - expected.numpy()).max() < 1e-4 * max(1.0, float(expected.abs().max()))

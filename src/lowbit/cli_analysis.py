@@ -1,4 +1,5 @@
-"""``lowbit analyze`` (per-layer sensitivity) and ``lowbit compare`` (every option on one page)."""
+"""``lowbit analyze`` (per-layer sensitivity), ``lowbit compare`` (every option on one page) and ``lowbit bench``
+(measured tables: speed and memory of LLM files in their engines, the vision table)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ ANALYZE_EXAMPLES = """examples:
 COMPARE_EXAMPLES = """examples:
   lowbit compare --schemes W8A16,W4A16,W3A16 --formats gguf:Q4_K_M --presets edge,mobile --target-bpw 3.5
   lowbit compare --schemes W4A16,NVFP4 --methods rtn,gptq --out out/cmp    # rerun resumes finished rows
+"""
+
+
+BENCH_EXAMPLES = """examples:
+  lowbit bench llm out/smollm2-Q4_K_M-gptq.gguf out/smollm2-Q8_0-gptq.gguf   # beside an F16 GGUF, llama.cpp
+  lowbit bench llm out/w4-onnx --original smollm2      # int4 MatMulNBits KV graph beside the fp32 graph
+  lowbit bench llm out/w4 --prompt-tokens 128 --new-tokens 32 --runs 5 --threads 4
+  lowbit bench vision --runs 20
 """
 
 
@@ -74,12 +83,32 @@ def add_analysis_parsers(sub: Any) -> None:
     c.add_argument("--out", help="output folder (default out/<model>-compare)")
     c.set_defaults(handler=cmd_compare)
 
-    b = sub.add_parser("bench", help="measured tables: 'vision' = ResNet-50 ONNX FP32/FP16/INT8 size and latency "
-                       "with the digits CNN's float/INT8/W4A4/XNOR accuracy")
-    b.add_argument("target", choices=("vision",))
-    b.add_argument("--runs", type=int, default=20, help="timed onnxruntime runs per model (default 20)")
-    b.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
-    b.set_defaults(handler=cmd_bench)
+    b = sub.add_parser("bench", help="measured tables: 'llm' = speed and memory of quantized files in their engines "
+                       "beside the original; 'vision' = ResNet-50 ONNX and the digits CNN",
+                       epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    targets = b.add_subparsers(dest="target", required=True, metavar="{llm,vision}")
+    v = targets.add_parser("vision", help="ResNet-50 ONNX FP32/FP16/INT8 size and latency with the digits CNN's "
+                           "float/INT8/W4A4/XNOR accuracy")
+    v.add_argument("--runs", type=int, default=20, help="timed onnxruntime runs per model (default 20)")
+    v.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    v.set_defaults(handler=cmd_bench)
+    m = targets.add_parser("llm", help="prompt and decode tokens/s, time to first token, peak memory and size of "
+                           "GGUF (llama.cpp), ONNX (onnxruntime, KV cache) and model folders (transformers), "
+                           "each beside the unquantized original", epilog=BENCH_EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("files", nargs="+", metavar="MODEL_OR_FILE",
+                   help=".gguf files, .onnx KV-cache graphs (or folders with model.onnx), lowbit or Hugging Face "
+                        "folders, or a built-in model name")
+    m.add_argument("--original", help="the float model the files were made from (default: what their files name, "
+                                      "else the built-in smollm2)")
+    m.add_argument("--prompt-tokens", type=int, default=512, help="tokens in the prompt (default 512)")
+    m.add_argument("--new-tokens", type=int, default=64, help="greedy decode steps (default 64)")
+    m.add_argument("--runs", type=int, default=3, help="timed runs per file; the median is reported (default 3)")
+    m.add_argument("--threads", type=int, default=2, help="engine threads (default 2)")
+    m.add_argument("--keep-originals", metavar="DIR", help="write the originals (F16 GGUF, fp32 ONNX) here and "
+                                                           "keep them (default: a temporary folder)")
+    m.add_argument("--json", action="store_true", help="print the result as JSON")
+    m.set_defaults(handler=cmd_bench_llm)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -144,3 +173,44 @@ def cmd_bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure_latency(export_resnet50(Path(tmp)), runs=args.runs, threads=args.threads)
     print_vision_table(rows, accuracies)
+
+
+def cmd_bench_llm(args: argparse.Namespace) -> None:
+    from lowbit.eval.speed import SpeedOptions
+    from lowbit.workflow_bench import BenchLLMOptions, bench_llm
+
+    speed = SpeedOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
+                         threads=args.threads)
+    result = bench_llm(BenchLLMOptions(tuple(args.files), args.original, speed, args.keep_originals),
+                       progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print_speed_table(result)
+
+
+SPEED_COLUMNS = ("model", "engine", "size MB", "prompt tok/s", "decode tok/s", "TTFT ms", "peak RSS MB")
+
+
+def print_speed_table(result: dict[str, Any]) -> None:
+    """The rows as a rich table: each figure with its ratio to the same engine's original."""
+    from rich.console import Console
+    from rich.table import Table
+
+    o = result["options"]
+    table = Table(title=f"speed and memory vs {Path(result['original']).name} ({o['prompt_tokens']}-token prompt, "
+                        f"{o['new_tokens']} decode steps, {o['threads']} threads, median of {o['runs']})")
+    for i, name in enumerate(SPEED_COLUMNS):
+        table.add_column(name, justify="left" if i < 2 else "right")
+    for row in result["rows"]:
+        r = row["ratios"]
+        table.add_row(row["label"], row["engine"], f"{row['bytes'] / 1e6:.1f} ({r['bytes']:.2f}x)",
+                      f"{row['prompt_tps']:.1f} ({r['prompt_tps']:.2f}x)",
+                      f"{row['decode_tps']:.1f} ({r['decode_tps']:.2f}x)",
+                      f"{row['ttft_s'] * 1e3:.1f} ({r['ttft_s']:.2f}x)",
+                      f"{row['peak_rss_bytes'] / 2**20:.0f} ({r['peak_rss_bytes']:.2f}x)")
+    console = Console()
+    console.print(table)
+    console.print("[dim]ratios: divided by the same engine's original (F16 GGUF in llama.cpp, fp32 graph in "
+                  "onnxruntime, the float model in transformers); each file timed in its own process; peak RSS "
+                  "of that process.[/dim]")

@@ -14,7 +14,11 @@ ONNX_EXAMPLES = """examples:
   lowbit export onnx --method rtn --token-linears 0 --out fast.onnx   # no calibration: per-tensor inputs
   lowbit export onnx path/to/bert_folder --keep '*.output.dense' --out b.onnx
   lowbit export onnx out/w4 --out out/w4.onnx                # a lowbit checkpoint: int4 linears as MatMulNBits
-  lowbit export onnx smollm2 --mode float --out out/smollm2.onnx   # an LLM's float graph (input_ids -> logits)
+  lowbit export onnx smollm2 --mode float --out out/smollm2.onnx   # an LLM's float graph (with a KV cache)
+  lowbit export onnx out/w4 --no-kv-cache --out w4-window.onnx     # input_ids -> logits, no cache
+
+A causal LM's graph has a KV cache in the layout optimum and onnxruntime-genai use: inputs input_ids,
+attention_mask, position_ids, past_key_values.N.key/value; outputs logits, present.N.key/value.
 """
 
 
@@ -58,6 +62,8 @@ def add_onnx_target(targets: Any) -> None:
     o.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4),
                    help="checkpoints: MatMulNBits compute type; 0 float (default, what lowbit evaluated), "
                         "4 int8 activations inside the kernel (faster)")
+    o.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
+                   help="causal LMs: the whole-window graph (input_ids -> logits) instead of the KV-cache graph")
     o.add_argument("--force", action="store_true", help="replace an existing output file")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
     o.set_defaults(handler=cmd_export_onnx)
@@ -69,7 +75,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 
     if is_checkpoint(args.model):
         summary = export_onnx_checkpoint(OnnxCheckpointOptions(args.model, args.out, args.mode, args.matmul_nbits,
-                                                               args.accuracy_level, force=args.force))
+                                                               args.accuracy_level, kv_cache=args.kv_cache,
+                                                               force=args.force))
         _print(summary, args.json)
         return
     embeddings = None if args.embeddings.lower() in ("keep", "float", "none") else args.embeddings
@@ -78,7 +85,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
                              token_linears=args.token_linears, act_rules=tuple(args.act_rules), keep=tuple(args.keep),
                              recipe_file=args.recipe_file, embeddings=embeddings, calib_text=args.calib_text,
                              calib_samples=args.calib_samples, calib_length=args.calib_length,
-                             sensitivity_sentences=args.sensitivity_sentences, force=args.force)
+                             sensitivity_sentences=args.sensitivity_sentences, kv_cache=args.kv_cache,
+                             force=args.force)
     _print(export_onnx(opts, progress=not args.json), args.json)
 
 
@@ -90,5 +98,6 @@ def _print(summary: dict[str, Any], as_json: bool) -> None:
     for how in summary["lowering"].values():
         counts[how] = counts.get(how, 0) + 1
     lowered = ", ".join(f"{n} {how}" for how, n in sorted(counts.items())) or "nothing quantized"
-    print(f"wrote {summary['path']} ({summary['bytes'] / 1e6:.2f} MB, {summary['mode']}, opset {summary['opset']}): "
-          f"{lowered}")
+    graph = ", KV cache" if summary.get("kv_cache") else ""
+    print(f"wrote {summary['path']} ({summary['bytes'] / 1e6:.2f} MB, {summary['mode']}, opset {summary['opset']}"
+          f"{graph}): {lowered}")

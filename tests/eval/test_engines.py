@@ -115,8 +115,8 @@ def test_onnx_graph_without_input_ids_is_refused(tmp_path):
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])])
     path = tmp_path / "odd.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    with pytest.raises(LowbitError, match=r"odd.onnx is not a whole-sequence causal-LM graph: it needs the input "
-                                          r"input_ids .* it has inputs x and outputs logits"):
+    with pytest.raises(LowbitError, match=r"odd.onnx is not a causal-LM graph lowbit can run: it needs the inputs "
+                                          r"input_ids, .* it has inputs x and outputs logits"):
         OnnxLM(path)
 
 

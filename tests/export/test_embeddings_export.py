@@ -89,7 +89,7 @@ def test_untied_quantized_head_is_dequantized_for_hf(tmp_path):
 
 def test_onnx_export_gathers_codes_and_lowers_the_tied_head_from_them(int8_embedding_ckpt, tmp_path, capsys):
     onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     out = tmp_path / "m.onnx"
     assert main(["export", "onnx", str(int8_embedding_ckpt), "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -98,12 +98,12 @@ def test_onnx_export_gathers_codes_and_lowers_the_tied_head_from_them(int8_embed
     big_floats = [i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
                   and int(np.prod(i.dims)) >= 512 * 96]
     assert big_floats == []  # no float copy of the table: both uses read int8 codes
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    session = ort.InferenceSession(str(out), options)
+    from lowbit.eval.onnxruntime_lm import OnnxCausalLM
+
+    lm = OnnxCausalLM(out, config={"session.qdq_matmulnbits_accuracy_level": "0"})  # KV graph, empty past
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(2))
     ours, _, _ = load_checkpoint(int8_embedding_ckpt)
     with torch.no_grad():
         expected = ours(ids).logits.numpy()
-    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    got = lm.run(ids.numpy())[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)

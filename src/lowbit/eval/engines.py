@@ -1,8 +1,8 @@
 """A causal LM's next-token logits in the engine its file is for: transformers for lowbit output folders and
 Hugging Face folders (compressed-tensors among them), llama.cpp (llama-cpp-python) for GGUF files, onnxruntime
 for ONNX graphs. Each engine is a ``NextTokenLogits`` callable (``lowbit.eval.generation``) that keeps its own
-cache: transformers and llama.cpp feed only the tokens a call adds to the previous call's ids (their KV cache
-holds the rest); the ONNX graphs lowbit writes have no KV cache, so the whole sequence is run at every step.
+cache: every engine feeds only the tokens a call adds to the previous call's ids (its KV cache holds the rest;
+for ONNX, the present key/values of lowbit's KV-cache graph; an older graph without one reruns the sequence).
 
 ``inspect_target`` looks at a path before anything heavy is loaded — which engine, which original it was
 made from, its context length, and for GGUF whether it carries a tokenizer — so that bad input fails at once
@@ -87,30 +87,33 @@ class LlamaCppLM:
 
 
 class OnnxLM:
-    """Next-token logits of an ONNX causal-LM graph (``input_ids`` [and ``attention_mask``] -> ``logits``) in
-    onnxruntime; the graph has no KV cache, so every call runs the whole sequence."""
+    """Next-token logits of an ONNX causal-LM graph in onnxruntime. A KV-cache graph (what lowbit writes) is fed
+    only the tokens a call adds, with the previous call's present key/values as its past; an older whole-window
+    graph (``input_ids`` -> ``logits``) reruns the whole sequence at every call. ``config``: onnxruntime
+    session config entries (see ``lowbit.eval.onnxruntime_lm.onnx_session``)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
-        from lowbit.eval.onnxruntime_lm import onnx_session
+    def __init__(self, path: str | Path, threads: int | None = None, config: dict[str, str] | None = None):
+        from lowbit.eval.onnxruntime_lm import OnnxCausalLM
 
-        self.session = onnx_session(path, threads)
-        inputs = {i.name: i.type for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
-        unknown = sorted(set(inputs) - {"input_ids", "attention_mask"})
-        if "input_ids" not in inputs or "logits" not in outputs or unknown:
-            raise LowbitError(f"{path} is not a whole-sequence causal-LM graph: it needs the input input_ids "
-                              f"(optionally attention_mask) and the output logits; it has inputs "
-                              f"{', '.join(inputs) or 'none'} and outputs {', '.join(outputs) or 'none'}")
-        self.dtypes = {name: np.int32 if kind == "tensor(int32)" else np.int64 for name, kind in inputs.items()}
+        self.lm = OnnxCausalLM(path, threads, config=config)
+        self._ids: list[int] = []
+        self._past: list[np.ndarray] | None = None
 
     def __call__(self, ids: Sequence[int]) -> np.ndarray:
-        feed = {name: (np.array([list(ids)]) if name == "input_ids" else np.ones((1, len(ids)))).astype(dtype)
-                for name, dtype in self.dtypes.items()}
-        (logits,) = self.session.run(["logits"], feed)
+        ids = list(ids)
+        if not self.lm.layout.has_cache:
+            logits, _ = self.lm.run(np.array([ids]))
+            return np.asarray(logits[0, -1], dtype=np.float32)
+        n = len(self._ids)
+        if self._past is None or n >= len(ids) or ids[:n] != self._ids:
+            self._past, n = None, 0  # not an extension of the cached sequence: start again
+        logits, self._past = self.lm.run(np.array([ids[n:]]), self._past)
+        self._ids = ids
         return np.asarray(logits[0, -1], dtype=np.float32)
 
     def close(self) -> None:
-        self.session = None
+        self.lm.close()
+        self._past, self._ids = None, []
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class OnnxExportOptions:
     calib_length: int = 128
     sensitivity_sentences: int = 64
     opset: int = 21
+    kv_cache: bool = True
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -208,17 +209,18 @@ def build_onnx(loaded: LoadedModel, opts: OnnxExportOptions, progress: bool = Fa
 
 
 def causal_lm_float_onnx(loaded: LoadedModel, opts: OnnxExportOptions):
-    """The float graph of a causal LM (input_ids -> logits). Quantized LM graphs are written from a lowbit
-    checkpoint, so that every method's codes (GPTQ, AWQ, ...) reach the graph unchanged."""
+    """The float graph of a causal LM (with a KV cache unless ``opts.kv_cache`` is off: then input_ids -> logits).
+    Quantized LM graphs are written from a lowbit checkpoint, so that every method's codes (GPTQ, AWQ, ...)
+    reach the graph unchanged."""
     from lowbit.export.onnx_compact import compact
     from lowbit.export.onnx_graph import with_inferred_shapes
-    from lowbit.export.onnx_trace import trace_causal_lm
+    from lowbit.export.onnx_trace import trace_lm
 
     if opts.mode != "float":
         raise LowbitError(f"{loaded.source} is a causal LM: quantize it first and export the checkpoint, e.g. "
                           "'lowbit quantize --scheme W4A16 --method gptq --format lowbit,onnx' or "
                           "'lowbit export onnx OUT_DIR'; --mode float writes its float graph")
-    proto = trace_causal_lm(loaded.model, opts.opset)
+    proto = trace_lm(loaded.model, opts.opset, opts.kv_cache)
     compact(proto)
     return with_inferred_shapes(proto)
 
@@ -239,6 +241,8 @@ def export_onnx(opts: OnnxExportOptions, loaded: LoadedModel | None = None, prog
     check_graph(proto)
     with atomic_file(out, force=opts.force) as tmp:
         onnx.save_model(proto, str(tmp))
-    return {"path": str(out), "bytes": out.stat().st_size, "mode": opts.mode,
+    from lowbit.export.onnx_kv import has_kv_cache
+
+    return {"path": str(out), "bytes": out.stat().st_size, "mode": opts.mode, "kv_cache": has_kv_cache(proto),
             "recipe": None if quantized is None else quantized.recipe.to_dict(),
             "lowering": lowering, "opset": opts.opset, "seconds": round(time.perf_counter() - start, 2)}

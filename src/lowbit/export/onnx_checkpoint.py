@@ -1,9 +1,9 @@
 """A lowbit checkpoint (causal LM or encoder) as an ONNX graph for onnxruntime, from its stored codes.
 
-Nothing is quantized again: the checkpoint's fake-quant model is traced (an LM: ``input_ids`` -> ``logits``,
-an encoder: mean-pooled embedding), each quantized module's nodes are rewritten from its QTensor
-(``onnx_lower``: weight-only integer linears as ``MatMulNBits``, W8A8 linears as integer kernels, the rest
-as QuantizeLinear/DequantizeLinear), then tied tables are shared and fp16-exact floats stored as fp16
+Nothing is quantized again: the checkpoint's fake-quant model is traced (an LM: with a KV cache, see
+``onnx_kv``, or ``input_ids`` -> ``logits``; an encoder: mean-pooled embedding), each quantized module's
+nodes are rewritten from its QTensor (``onnx_lower``: weight-only integer linears as ``MatMulNBits``, W8A8
+linears as integer kernels, the rest as QuantizeLinear/DequantizeLinear), then tied tables are shared and fp16-exact floats stored as fp16
 (``onnx_compact``). Whatever method made the checkpoint (RTN, GPTQ, AWQ, ...), the graph computes with
 exactly the weights lowbit evaluated. ``lowbit quantize --format onnx`` writes this beside its output.
 """
@@ -30,7 +30,8 @@ class OnnxCheckpointOptions:
     """``mode``: int8 (integer kernels and MatMulNBits where they hold a module exactly, QDQ elsewhere),
     qdq (QDQ everywhere), float (the fake-quant weights as float constants). ``matmul_nbits=False`` writes
     weight-only linears as blocked DequantizeLinear instead of MatMulNBits; ``accuracy_level`` 4 lets
-    MatMulNBits quantize activations to int8 inside the kernel (faster, not what lowbit evaluated)."""
+    MatMulNBits quantize activations to int8 inside the kernel (faster, not what lowbit evaluated). A causal
+    LM's graph has a KV cache (``onnx_kv``) unless ``kv_cache`` is off (then input_ids -> logits)."""
 
     checkpoint: str
     out: str | None = None
@@ -38,6 +39,7 @@ class OnnxCheckpointOptions:
     matmul_nbits: bool = True
     accuracy_level: int = 0
     opset: int = 21
+    kv_cache: bool = True
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -66,7 +68,7 @@ def checkpoint_onnx(opts: OnnxCheckpointOptions) -> tuple[Any, dict[str, str], d
     from lowbit.export.onnx_compact import compact
     from lowbit.export.onnx_graph import with_inferred_shapes
     from lowbit.export.onnx_lower import lower_quantized
-    from lowbit.export.onnx_trace import trace_causal_lm, trace_encoder
+    from lowbit.export.onnx_trace import trace_encoder, trace_lm
     from lowbit.model.apply import QuantizedModel
     from lowbit.model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_qtensors
     from lowbit.recipe import load_recipe
@@ -74,7 +76,7 @@ def checkpoint_onnx(opts: OnnxCheckpointOptions) -> tuple[Any, dict[str, str], d
     folder = Path(opts.checkpoint)
     model, tokenizer, manifest = load_checkpoint(folder)
     if manifest.get("kind") == CAUSAL_LM:
-        proto = trace_causal_lm(model, opts.opset)
+        proto = trace_lm(model, opts.opset, opts.kv_cache)
     else:
         proto = trace_encoder(model, tokenizer, opts.opset)
     lowering: dict[str, str] = {}
@@ -116,7 +118,7 @@ def export_onnx_checkpoint(opts: OnnxCheckpointOptions) -> dict[str, Any]:
     proto, lowering, manifest = checkpoint_onnx(opts)
     with atomic_file(out, force=opts.force) as tmp:
         onnx.save_model(proto, str(tmp))
-    return _summary(out, out, opts, lowering, manifest, start)
+    return _summary(out, out, opts, lowering, manifest, start, proto)
 
 
 def export_onnx_folder(checkpoint: str | Path, target: str | Path, force: bool = False) -> dict[str, Any]:
@@ -133,14 +135,16 @@ def export_onnx_folder(checkpoint: str | Path, target: str | Path, force: bool =
         for name in COPIED:
             if (Path(checkpoint) / name).is_file():
                 shutil.copy2(Path(checkpoint) / name, tmp / name)
-    return _summary(Path(target), Path(target) / MODEL_FILE, opts, lowering, manifest, start)
+    return _summary(Path(target), Path(target) / MODEL_FILE, opts, lowering, manifest, start, proto)
 
 
 def _summary(path: Path, model_file: Path, opts: OnnxCheckpointOptions, lowering: dict[str, str],
-             manifest: dict, start: float) -> dict[str, Any]:
+             manifest: dict, start: float, proto: Any) -> dict[str, Any]:
+    from lowbit.export.onnx_kv import has_kv_cache
+
     counts: dict[str, int] = {}
     for how in lowering.values():
         counts[how] = counts.get(how, 0) + 1
     return {"path": str(path), "format": "onnx", "bytes": model_file.stat().st_size, "mode": opts.mode,
-            "kind": manifest.get("kind"), "lowering": lowering, "lowered": counts, "opset": opts.opset,
+            "kind": manifest.get("kind"), "kv_cache": has_kv_cache(proto), "lowering": lowering, "lowered": counts, "opset": opts.opset,
             "seconds": round(time.perf_counter() - start, 2)}

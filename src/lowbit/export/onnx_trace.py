@@ -1,5 +1,6 @@
 """Trace a float model into ONNX: an encoder with one mean-pooled sentence embedding output, or a causal
-LM with ``input_ids`` in and ``logits`` out (the whole window, no KV cache).
+LM with ``input_ids`` in and ``logits`` out (the whole window, no KV cache; ``onnx_kv`` traces the graph
+with a cache that lowbit writes for causal LMs by default, and ``trace_lm`` picks one of the two).
 
 Mean pooling (attention-masked, as ``lowbit.eval.encoder.embed`` computes it) sits inside the graph, so
 an engine's output compares directly with ours. The TorchScript exporter (``dynamo=False``) is used: it
@@ -135,3 +136,15 @@ def trace_causal_lm(model: nn.Module, opset: int = DEFAULT_OPSET):
                           input_names=["input_ids"], output_names=[LOGITS_OUTPUT], dynamic_axes=dynamic,
                           do_constant_folding=True)
     return onnx.load_from_string(buffer.getvalue())
+
+
+def trace_lm(model: nn.Module, opset: int = DEFAULT_OPSET, kv_cache: bool = True):
+    """A causal LM's graph: with a KV cache (``onnx_kv``) when ``kv_cache`` and the KV graph can represent the
+    model, else the whole-window graph (sliding-window families such as Gemma 2/3 get the latter: it is exact
+    for them, the KV graph would not be). ``lowbit.export.onnx_kv.has_kv_cache`` tells which was written."""
+    if kv_cache:
+        from lowbit.export.onnx_kv import kv_unsupported, trace_causal_lm_kv
+
+        if kv_unsupported(model) is None:
+            return trace_causal_lm_kv(model, opset)
+    return trace_causal_lm(model, opset)
