@@ -33,6 +33,7 @@ OUT = Path(__file__).with_name("out_qat")
 
 ROWS = {
     "w2g64": ["--scheme", "W2A16", "--group-size", "64", "--asym", "--method", "gptq", "--act-order"],
+    "w2g64-rtn": ["--scheme", "W2A16", "--group-size", "64", "--asym", "--method", "rtn"],
     "w3g128": ["--scheme", "W3A16", "--group-size", "128", "--asym", "--method", "gptq", "--act-order"],
     "tq2": ["--gguf-type", "TQ2_0", "--method", "rtn"],
 }
@@ -130,8 +131,10 @@ def main() -> None:
             f".venv/bin/python bench/qat_table.py --rows {args.rows} --minutes {args.minutes:g} "
             f"--steps {args.steps}{' --extra ' + repr(args.extra) if args.extra else ''}`. Evaluation: the first 8 x "
             "512 tokens of pydoc topics; training windows come after them (never the evaluation tokens); PTQ = the "
-            "post-training start of the same run, on the same windows. Training: KL to the original's next-token "
-            "distribution, AdamW, cosine schedule, bf16 autocast.\n\n" + markdown(rows))
+            "post-training start of the same run, on the same windows. Training: block-wise reconstruction (each "
+            "decoder block against the original block's output), then KL to the original's next-token distribution; "
+            "AdamW, cosine schedule, bf16 autocast. Training minutes count both phases. Environment: "
+            f"{ {k: v for k, v in os.environ.items() if k.startswith(('OMP_', 'MALLOC_'))} }.\n\n" + markdown(rows))
     write_section(args.out, text.splitlines()[0], text)
 
 

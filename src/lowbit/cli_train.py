@@ -131,5 +131,6 @@ def cmd_qat(args: argparse.Namespace) -> None:
     end = (report.get("eval") or {}).get("kld")
     if start is not None and end is not None:
         print(f"QAT: {qat['steps_done']} steps from {qat['init']}: KLD {start:.4f} -> {end:.4f} "
-              f"({end / start:.3f}x) in {report['seconds']['train'] / 60:.1f} min of training")
+              f"({end / start:.3f}x) in {(report['seconds']['train'] + (report['seconds']['blocks'] or 0)) / 60:.1f} min "
+              "of training (block-wise and end to end)")
     print(f"wrote {out_dir}")
