@@ -35,6 +35,7 @@ ROWS = {
     "w2g64": ["--scheme", "W2A16", "--group-size", "64", "--asym", "--method", "gptq", "--act-order"],
     "w2g64-rtn": ["--scheme", "W2A16", "--group-size", "64", "--asym", "--method", "rtn"],
     "w3g128": ["--scheme", "W3A16", "--group-size", "128", "--asym", "--method", "gptq", "--act-order"],
+    "w3g128-rtn": ["--scheme", "W3A16", "--group-size", "128", "--asym", "--method", "rtn"],
     "tq2": ["--gguf-type", "TQ2_0", "--method", "rtn"],
 }
 
@@ -92,7 +93,7 @@ def llamacpp_tq2() -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| row | spec | start | bpw | PTQ KLD | QAT KLD | QAT/PTQ | PTQ PPL | QAT PPL | steps | tokens | "
-             "training min |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "block-wise min | training min (both phases) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | `{r['spec']}` | {r['init']} | {r['bpw']:.3f} | {r['ptq_kld']:.4f} | "
                      f"{r['qat_kld']:.4f} | {r['qat_kld'] / r['ptq_kld']:.3f}x | {r['ptq_ppl']:.2f} | "
