@@ -36,6 +36,7 @@ ROWS = {
     "w2g64-rtn": ["--scheme", "W2A16", "--group-size", "64", "--asym", "--method", "rtn"],
     "w3g128": ["--scheme", "W3A16", "--group-size", "128", "--asym", "--method", "gptq", "--act-order"],
     "w3g128-rtn": ["--scheme", "W3A16", "--group-size", "128", "--asym", "--method", "rtn"],
+    "w3g128-rtn-b": ["--scheme", "W3A16", "--group-size", "128", "--asym", "--method", "rtn"],  # other --extra
     "tq2": ["--gguf-type", "TQ2_0", "--method", "rtn"],
 }
 
