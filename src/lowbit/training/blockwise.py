@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.pipeline.layers import BlockInput, capture_inputs, find_blocks, run_block
-from lowbit.training.fake_quant import QATLinear
+from lowbit.training.fake_quant import qat_parameters
+from lowbit.training.loop import autocast_factory, qat_optimizer
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,7 @@ def reconstruct_blocks(model: nn.Module, teacher: nn.Module, windows: torch.Tens
     Returns one record per block: relative MSE before and after, and seconds. Stops early (the remaining
     blocks keep their PTQ start) once ``max_minutes`` have passed.
     """
-    from lowbit.training.loop import _autocast_factory
-
-    autocast = _autocast_factory(options.dtype, windows.device)
+    autocast = autocast_factory(options.dtype, windows.device)
     _, student_blocks = find_blocks(model)
     _, teacher_blocks = find_blocks(teacher)
     if len(student_blocks) != len(teacher_blocks):
@@ -87,31 +86,12 @@ def reconstruct_blocks(model: nn.Module, teacher: nn.Module, windows: torch.Tens
     return records
 
 
-def _block_parameters(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
-    weights, quant, others = [], [], []
-    for module in block.modules():
-        if isinstance(module, QATLinear):
-            weights.append(module.weight)
-            if module.bias is not None:
-                weights.append(module.bias)
-            quant.append(module.step)
-            if module.zero is not None:
-                quant.append(module.zero)
-    taken = {id(p) for p in weights + quant}
-    others = [p for p in block.parameters() if p.requires_grad and id(p) not in taken]
-    return weights, quant, others
-
-
 def _train_block(block: nn.Module, inputs: list[BlockInput], targets: list[BlockInput], options: BlockOptions,
                  autocast, index: int) -> None:
-    weights, quant, others = _block_parameters(block)
-    if not weights:
+    if not qat_parameters(block)["weights"]:
         return
-    optimizer = torch.optim.AdamW([
-        {"params": weights, "lr": options.lr_weights, "weight_decay": 0.0},
-        {"params": quant, "lr": options.lr_quant, "weight_decay": 0.0},
-        {"params": others, "lr": options.lr_norms, "weight_decay": 0.0},
-    ], betas=(0.9, 0.95), eps=1e-10)
+    optimizer = qat_optimizer(block, options.lr_weights, options.lr_quant, options.lr_norms)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     bases = [g["lr"] for g in optimizer.param_groups]
     total = options.epochs * len(inputs)
     generator = torch.Generator().manual_seed(index)
@@ -130,7 +110,7 @@ def _train_block(block: nn.Module, inputs: list[BlockInput], targets: list[Block
                 raise LowbitError(f"block-wise QAT: the loss of block {index} became {float(loss)}; try a lower "
                                   "learning rate")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(weights + quant + others, options.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -73,13 +73,20 @@ def window_order(n_windows: int, step: int, options: TrainOptions) -> list[int]:
 
 def build_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.AdamW:
     """AdamW over the QAT weights, the quantization parameters and the other trainable float parameters."""
-    groups = qat_parameters(model)
+    return qat_optimizer(model, options.lr_weights, options.lr_quant, options.lr_norms, options.weight_decay)
+
+
+def qat_optimizer(module: nn.Module, lr_weights: float, lr_quant: float, lr_norms: float,
+                  weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW with three groups over ``module``'s trainable parameters: QATLinear latent weights (and biases),
+    their steps and zero points, and every other float parameter that trains (norms)."""
+    groups = qat_parameters(module)
     taken = {id(p) for ps in groups.values() for p in ps}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    others = [p for p in module.parameters() if p.requires_grad and id(p) not in taken]
     return torch.optim.AdamW([
-        {"params": groups["weights"], "lr": options.lr_weights, "weight_decay": options.weight_decay},
-        {"params": groups["quant"], "lr": options.lr_quant, "weight_decay": 0.0},
-        {"params": others, "lr": options.lr_norms, "weight_decay": 0.0},
+        {"params": groups["weights"], "lr": lr_weights, "weight_decay": weight_decay},
+        {"params": groups["quant"], "lr": lr_quant, "weight_decay": 0.0},
+        {"params": others, "lr": lr_norms, "weight_decay": 0.0},
     ], betas=(0.9, 0.95), eps=1e-10)
 
 
@@ -120,7 +127,7 @@ def train(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, monitor_i
                           f"than one batch ({options.batch_windows}); give more text or a smaller --batch")
     if options.batch_windows % options.micro_batch:
         raise LowbitError(f"--batch ({options.batch_windows}) must be a multiple of --micro-batch ({options.micro_batch})")
-    autocast = _autocast_factory(options.dtype, windows.device)
+    autocast = autocast_factory(options.dtype, windows.device)
     _prepare_for_training(model, options.checkpointing)
     optimizer = build_optimizer(model, options)
     state = TrainState()
@@ -208,7 +215,9 @@ def _prepare_for_training(model: nn.Module, checkpointing: bool) -> None:
         model.config.use_cache = False
 
 
-def _autocast_factory(dtype: str, device: torch.device) -> Callable:
+def autocast_factory(dtype: str, device: torch.device) -> Callable:
+    """A no-argument context factory: bf16 autocast where ``dtype`` asks for it (auto: where the device runs
+    bf16 natively), else a disabled autocast."""
     from lowbit.hardware import cpu_has_bf16
 
     use_bf16 = dtype == "bf16" or (dtype == "auto" and (device.type == "cuda" or cpu_has_bf16()))
