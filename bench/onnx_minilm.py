@@ -5,7 +5,9 @@ the float graph lowbit exports (mean pooling inside the graph), onnxruntime's ``
 same file (default settings, and per_channel=True), and ``lowbit export onnx`` int8 graphs. Inputs: the first
 256 paragraphs of the pydoc topics (lowbit.data.text.paragraphs), at most 128 tokens, batches of 32. Reported:
 file size, cosine of each embedding to the float graph's (mean and minimum), and the seconds one pass over
-the 256 paragraphs takes (median of --reps passes; the models take turns so that load changes hit all alike).
+the 256 paragraphs takes (median of --reps passes; the models take turns so that load changes hit all alike),
+and, from one profiled pass per model in a separate session, where onnxruntime spends its kernel time (op types
+after its graph fusions: which kernels each graph really runs).
 lowbit's calibration (GPTQ, per-token sensitivity) uses the paragraphs after those 256. Writes
 bench/RESULTS_onnx.md.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,15 +36,16 @@ from lowbit.model.load import load_model  # noqa: E402
 
 TITLE = "## ONNX: MiniLM int8 in onnxruntime, lowbit vs quantize_dynamic"
 READING = (
-    "Reading: quantize_dynamic's default loses accuracy to per-tensor weight scales and to the saturation of "
-    "onnxruntime's AVX2 uint8 x int8 kernel (pairs of products summed in int16) with full 8-bit weight codes. "
-    "lowbit's graph keeps that fast kernel exact by storing weights on a 7-bit grid (|code| <= 64, GPTQ-rounded), "
-    "quantizes inputs per tensor where that is cheap in accuracy and per token for the linears a per-tensor "
-    "scale hurts most (measured one linear at a time on the pydoc paragraphs after the 256 evaluation ones), "
-    "and stores embedding rows in int8. Alternatives measured while building it on this machine: full int8 "
-    "weights as uint8 (exact uint8 x uint8 kernel) with per-token inputs everywhere reached cosine 0.9973 but "
-    "only ~1.1-1.2x fp32 (an earlier, less fused graph); symmetric per-tensor inputs everywhere (rtn) ran ~1.45x "
-    "at cosine 0.980.")
+    "Reading: quantize_dynamic's default loses accuracy to per-tensor weight scales (and, on AVX2 CPUs without "
+    "VNNI, to the saturation of onnxruntime's uint8 x int8 kernel, which sums pairs of products in int16, with "
+    "full 8-bit weight codes). lowbit's graph keeps that kernel exact on every x86 CPU by storing weights on a "
+    "7-bit grid (|code| <= 64, GPTQ-rounded), per output channel. Its per-tensor inputs are asymmetric: one "
+    "DynamicQuantizeLinear, the node quantize_dynamic uses, which onnxruntime fuses with the product into "
+    "DynamicQuantizeMatMul (range and codes in one kernel); the symmetric rule (max|x| / 127.5, the previous "
+    "default) needs ReduceMax, ReduceMin and QuantizeLinear as separate passes, and the kernel profile showed "
+    "those passes were the whole gap to quantize_dynamic. The linears a per-tensor scale hurts most (measured one "
+    "at a time on the pydoc paragraphs after the 256 evaluation ones) get symmetric per-token inputs, and "
+    "embedding rows are int8.")
 
 
 def batches(tokenizer, sentences: list[str], size: int) -> list[dict[str, np.ndarray]]:
@@ -65,6 +69,41 @@ def session(path: Path, threads: int):
 def run(sess, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     names = {i.name for i in sess.get_inputs()}
     return np.concatenate([sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in feeds])
+
+
+def kernel_profile(path: Path, feeds: list[dict[str, np.ndarray]], threads: int, out: Path) -> dict[str, float]:
+    """Op type -> share of onnxruntime's kernel time in one profiled pass (after a warm-up batch), from its own
+    profiler: the kernels the graph runs once onnxruntime has fused it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    run(sess, feeds[:1])
+    options.enable_profiling = True
+    options.profile_file_prefix = str(out / f"profile_{path.stem}")
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    run(sess, feeds)
+    trace = Path(sess.end_profiling())
+    totals: dict[str, float] = {}
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + event["dur"]
+    trace.unlink()
+    whole = sum(totals.values()) or 1.0
+    return {op: t / whole for op, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def machine() -> str:
+    """The CPU and the x86 features that pick onnxruntime's integer kernels."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{name or 'unknown CPU'} ({', '.join(features) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -101,9 +140,13 @@ def main() -> None:
         notes[label] = f"{time.perf_counter() - start:.0f} s to quantize"
 
     fake_quant = {}
-    for label, options in (("lowbit int8 (default: gptq, int7 weights, 12 per-token linears)", {}),
-                           ("lowbit int8 (--method rtn: no GPTQ, otherwise the same)", {"method": "rtn"})):
-        path = out / ("lowbit_int8.onnx" if not options else "lowbit_int8_rtn.onnx")
+    for label, name, options in (
+            ("lowbit int8 (default: gptq, int7 weights, asym per-tensor inputs, 8 per-token linears)", "lowbit_int8",
+             {}),
+            ("lowbit int8 (--method rtn: no GPTQ, otherwise the same)", "lowbit_int8_rtn", {"method": "rtn"}),
+            ("lowbit int8 (--act int8:tensor:dynamic --token-linears 12: the previous default)", "lowbit_int8_sym",
+             {"activations": "int8:tensor:dynamic", "token_linears": 12})):
+        path = out / f"{name}.onnx"
         loaded = load_model("minilm")
         summary = export_onnx(OnnxExportOptions(out=str(path), force=True, **options), loaded=loaded)
         token = [r["targets"][0] for r in summary["recipe"]["rules"] if "token" in str(r.get("input"))]
@@ -122,6 +165,7 @@ def main() -> None:
             run(sess, feeds)
             seconds[label].append(time.perf_counter() - start)
 
+    kernels = {label: kernel_profile(path, feeds, args.threads, out) for label, path in files.items()}
     reference = outputs[next(iter(files))]
     base = float(np.median(seconds[next(iter(files))]))
     rows = []
@@ -130,7 +174,7 @@ def main() -> None:
         median = float(np.median(seconds[label]))
         row = {"model": label, "mb": path.stat().st_size / 1e6, "cosine": float(cos.mean()),
                "cosine_min": float(cos.min()), "seconds": median, "speedup": base / median,
-               "all_seconds": seconds[label], "note": notes.get(label, "")}
+               "all_seconds": seconds[label], "note": notes.get(label, ""), "kernels": kernels[label]}
         if label in fake_quant:
             row["ort_vs_lowbit_fake_quant"] = float(cosines(fake_quant[label], outputs[label]).mean())
         rows.append(row)
@@ -148,7 +192,8 @@ def write_results(rows: list[dict], args) -> None:
              f"(lowbit.data.text.paragraphs), max 128 tokens, batches of {args.batch}, mean-pooled embedding "
              "(pooling inside every graph). Cosine: to the fp32 graph's embedding of the same paragraph. Seconds: one "
              f"pass over the {EVAL_PARAGRAPHS} paragraphs, median of {args.reps} passes, models in turn. "
-             "Machine: 2-core AVX2 CPU (no VNNI), other jobs running beside it.", "",
+             f"Machine: {machine()}. Kernel time: each model's top op types in onnxruntime's profile of one pass.",
+             "",
              "| model | MB | cosine mean | cosine min | seconds | speed-up vs fp32 |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['mb']:.1f} | {r['cosine']:.4f} | {r['cosine_min']:.4f} | "
@@ -162,6 +207,7 @@ def write_results(rows: list[dict], args) -> None:
             extra.append(f"mean cosine of the onnxruntime output to lowbit's own fake-quant model "
                          f"{r['ort_vs_lowbit_fake_quant']:.4f}")
         extra.append("passes " + ", ".join(f"{s:.2f}" for s in r["all_seconds"]) + " s")
+        extra.append("kernel time: " + ", ".join(f"{op} {share:.0%}" for op, share in list(r["kernels"].items())[:6]))
         lines.append(f"- {r['model']}: " + "; ".join(extra))
     write_section(Path("bench/RESULTS_onnx.md"), TITLE, "\n".join(lines) + "\n")
     Path(args.out, "results.json").write_text(json.dumps(rows, indent=1))

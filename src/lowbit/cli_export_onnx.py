@@ -39,10 +39,10 @@ def add_onnx_target(targets: Any) -> None:
     o.add_argument("--weights", help="weight spec override (int8 mode default: int7:channel, exact in the "
                                      "fast uint8 x int8 kernel)")
     o.add_argument("--act", dest="activations", help="activation spec for the linears' inputs "
-                                                     "(int8 mode default: int8:tensor:dynamic)")
-    o.add_argument("--token-linears", type=int, default=12,
+                                                     "(int8 mode default: int8:tensor:dynamic:asym)")
+    o.add_argument("--token-linears", type=int, default=8,
                    help="give this many linears, the most hurt by per-tensor input scales (measured on "
-                        "calibration paragraphs), per-token scales (default 12)")
+                        "calibration paragraphs), per-token scales (default 8)")
     o.add_argument("--sensitivity-sentences", type=int, default=64,
                    help="calibration paragraphs the per-tensor sensitivity is measured on (default 64)")
     o.add_argument("--act-rule", dest="act_rules", action="append", default=[], metavar="PATTERN=ACTSPEC",

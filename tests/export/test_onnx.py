@@ -133,6 +133,29 @@ def test_static_activation_scales_match_fake_quant_model(bert_dir, mode):
     np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("mode", ["int8", "qdq"])
+def test_asymmetric_dynamic_inputs_match_fake_quant_model_and_fuse(bert_dir, mode, tmp_path):
+    """int8:tensor:dynamic:asym inputs are one DynamicQuantizeLinear each (shared by linears that read the same
+    input); onnxruntime fuses it with a single reader's product into DynamicQuantizeMatMul."""
+    loaded, proto, quantized, lowering = _build(bert_dir, mode=mode, activations="int8:tensor:dynamic:asym",
+                                                act_rules=("encoder.layer.1.output.dense=int8:token:dynamic",),
+                                                **{**FAST, "token_linears": 0})
+    ops = [n.op_type for n in proto.graph.node]
+    # int8: one per distinct input (q/k/v share theirs): 4 per layer, less the per-token one; qdq: one per linear
+    assert ops.count("DynamicQuantizeLinear") == (2 * 4 - 1 if mode == "int8" else 2 * 6 - 1) and "ReduceMax" in ops
+    feeds = _feeds(loaded.tokenizer, proto)
+    got, want = _run(proto, feeds, optimize=False), _ours(loaded)
+    assert _cosine(got, want).min() > 0.9999
+    np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())
+    if mode == "int8":
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+        assert "DynamicQuantizeMatMul" in fused and "ReduceMin" in fused  # the per-token ones keep theirs
+        assert _cosine(_run(proto, feeds), want).min() > 0.9999
+
+
 def test_qdq_graph_per_token_matches_fake_quant_model(bert_dir):
     loaded, proto, quantized, lowering = _build(bert_dir, mode="qdq", scheme="W8A8", **FAST)
     assert set(v for v in lowering.values()) == {"qdq", "absent"}

@@ -183,7 +183,7 @@ def weight_args(spec: QuantSpec) -> dict:
 
 
 def activation_args(act: ActivationSpec) -> dict:
-    """compressed-tensors ``QuantizationArgs`` of an activation spec (symmetric, per token or per tensor)."""
+    """compressed-tensors ``QuantizationArgs`` of an activation spec (per token or per tensor)."""
     if act.format in INT_FORMATS:
         bits, kind = int(act.format[3:]), "int"
     elif act.format == "fp8_e4m3":
@@ -191,5 +191,5 @@ def activation_args(act: ActivationSpec) -> dict:
     else:
         raise LowbitError(f"activation spec {act} cannot be written as compressed-tensors: it quantizes "
                           "activations to int2..int8 or fp8_e4m3 only")
-    return {"num_bits": bits, "type": kind, "symmetric": True, "group_size": None, "strategy": act.granularity,
+    return {"num_bits": bits, "type": kind, "symmetric": act.symmetric, "group_size": None, "strategy": act.granularity,
             "dynamic": act.dynamic}

@@ -9,10 +9,11 @@ onnx.checker, and write it atomically. Modes:
 - ``qdq``: QuantizeLinear/DequantizeLinear pairs around float MatMuls (any integer spec, groups included).
 - ``int8``: integer kernels (MatMulInteger / MatMulIntegerToFloat) for W8A8 linears, QDQ for the rest.
 
-The int8 defaults are the measured best for onnxruntime on AVX2 CPUs (bench/onnx_minilm.py): weights on a
-7-bit grid stored as int8 (exact in the fast uint8 x int8 kernel, see ``onnx_int8``), GPTQ rounding,
-per-tensor int8 activations except per-token ones for the linears most hurt by per-tensor scales
-(measured on calibration paragraphs that follow the evaluation ones), int8 embedding rows.
+The int8 defaults are the measured best for onnxruntime (bench/onnx_minilm.py, on AVX2 and AVX-512 VNNI CPUs):
+weights on a 7-bit grid stored as int8 (exact in the fast uint8 x int8 kernel of AVX2 CPUs, see ``onnx_int8``),
+GPTQ rounding, asymmetric per-tensor int8 activations (one DynamicQuantizeLinear, which onnxruntime fuses into
+its product) except symmetric per-token ones for the linears most hurt by a per-tensor scale (measured on
+calibration paragraphs that follow the evaluation ones), int8 embedding rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ METHODS = ("rtn", "gptq")
 DEFAULT_SCHEME = "W8A8"
 EMBEDDING_SPEC = "int8:channel"
 INT8_WEIGHTS = "int7:channel"
-TENSOR_ACT = "int8:tensor:dynamic"
+TENSOR_ACT = "int8:tensor:dynamic:asym"
 TOKEN_ACT = "int8:token:dynamic"
 EVAL_PARAGRAPHS = 256
 
@@ -54,7 +55,7 @@ class OnnxExportOptions:
     activations: str | None = None
     scale_search: str | None = None
     method: str = "gptq"
-    token_linears: int = 12
+    token_linears: int = 8
     act_rules: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
     recipe_file: str | None = None

@@ -6,7 +6,11 @@ A W8A8 linear (integer weights per channel or per tensor, int8 activations) beco
     acc   = MatMulInteger(codes, W_codes, 128, w_zero)              int32, exact
     y     = float(acc) * s * w_scale + bias
 
-which equals lowbit's fake-quant model: same scales, round-half-even, clamp to [-128, 127].
+which equals lowbit's fake-quant model: same scales, round-half-even, clamp to [-128, 127]. An asymmetric
+per-tensor input (``int8:tensor:dynamic:asym``) takes its codes, scale and zero point from one
+DynamicQuantizeLinear instead; onnxruntime fuses that node with the product into DynamicQuantizeMatMul
+(one pass for range and codes, none of the separate reductions the symmetric rule needs) where the input
+feeds one linear, and into MatMulIntegerToFloat where it feeds several.
 
 Weight codes: onnxruntime's x86 kernel for uint8 x int8 (VPMADDUBSW on AVX2) adds pairs of products in
 saturating 16-bit lanes, so int8 weights are exact only while every |code| <= 64 (255 * 64 * 2 < 2^15):
@@ -27,7 +31,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from lowbit.export.onnx_graph import GraphEdit
-from lowbit.export.onnx_qdq import check_activation_spec, dynamic_scale, rows
+from lowbit.export.onnx_qdq import check_activation_spec, dynamic_asymmetric_codes, dynamic_scale, rows
 from lowbit.export.onnx_sites import LinearSite
 from lowbit.export.onnx_weights import OnnxWeight
 from lowbit.formats.activation import ActivationSpec
@@ -64,7 +68,7 @@ class Int8Lowering:
 
     def __init__(self, edit: GraphEdit):
         self.edit = edit
-        self._quantized: dict[tuple[str, str], tuple[str, str]] = {}
+        self._quantized: dict[tuple[str, str], tuple[str, str, str]] = {}
 
     def linear(self, site: LinearSite, weight: OnnxWeight, act: ActivationSpec, static_scale: float | None = None) -> None:
         """Replace ``site`` by its input's integer codes, the integer product, and float rescaling + bias."""
@@ -75,8 +79,7 @@ class Int8Lowering:
         w = edit.const(f"{hint}.codes", codes)
         w_zero = edit.const(f"{hint}.zero_point", zero)
         w_scale = edit.const(f"{hint}.scale", weight.scale.astype(np.float32))
-        x_codes, x_scale = self._quantized_input(site.input, weight.codes.shape[0], act, static_scale, hint)
-        act_zero = edit.const(f"{hint}.act_zero_point", np.array(ACT_ZERO_POINT, np.uint8))
+        x_codes, x_scale, act_zero = self._quantized_input(site.input, weight.codes.shape[0], act, static_scale, hint)
         if act.granularity == "token":
             # acc * w_scale in the kernel; the per-token scale (batch, tokens, 1) multiplies rows after it.
             one = edit.const(f"{hint}.one", np.array(1.0, np.float32))
@@ -96,22 +99,26 @@ class Int8Lowering:
             edit.node("Add", [y, site.bias_init], hint, outputs=[site.output])
 
     def _quantized_input(self, x: str, width: int, act: ActivationSpec, static_scale: float | None,
-                         hint: str) -> tuple[str, str]:
-        """(uint8 codes with zero point 128, scale) of input ``x``, made once per input and spec."""
+                         hint: str) -> tuple[str, str, str]:
+        """(uint8 codes, scale, zero point) of input ``x``, made once per input and spec."""
         key = (x, str(act) if act.dynamic else f"{act}:{static_scale!r}")
         if key not in self._quantized:
             self._quantized[key] = self._quantize(x, width, act, static_scale, hint)
         return self._quantized[key]
 
-    def _quantize(self, x: str, width: int, act: ActivationSpec, static_scale: float | None, hint: str) -> tuple[str, str]:
+    def _quantize(self, x: str, width: int, act: ActivationSpec, static_scale: float | None,
+                  hint: str) -> tuple[str, str, str]:
         edit = self.edit
+        if not act.symmetric:
+            codes, scale, act_zero = dynamic_asymmetric_codes(edit, x, hint)
+            return codes, scale, act_zero
         act_zero = edit.const(f"{hint}.act_zero_point", np.array(ACT_ZERO_POINT, np.uint8))
         if act.granularity != "token":
             if act.dynamic:
                 scale = dynamic_scale(edit, x, act, hint)
             else:
                 scale = edit.const(f"{hint}.act_scale", np.array(static_scale, np.float32))
-            return edit.node("QuantizeLinear", [x, scale, act_zero], hint), scale
+            return edit.node("QuantizeLinear", [x, scale, act_zero], hint), scale, act_zero
         # Per token: scale (batch, tokens, 1); QuantizeLinear takes a 1-D scale, so quantize the rows of x
         # reshaped to (tokens, width) along axis 0 and give the codes x's shape back.
         scale = dynamic_scale(edit, x, act, hint, keepdims=1, axis=-1)
@@ -121,4 +128,4 @@ class Int8Lowering:
         codes_2d = edit.node("QuantizeLinear", [rows(edit, x, width, hint), scale_1d, zeros], hint, axis=0)
         codes = edit.node("Reshape", [codes_2d, edit.node("Shape", [x], hint)], hint)
         edit.same_type(codes, x, TensorProto.UINT8)
-        return codes, scale
+        return codes, scale, act_zero

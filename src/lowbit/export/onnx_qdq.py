@@ -28,6 +28,14 @@ def check_activation_spec(spec: ActivationSpec, module: str) -> None:
     if spec.format != "int8":
         raise LowbitError(f"{module}: ONNX export quantizes activations as int8 only, not {spec}; "
                           "use --act int8:token:dynamic or int8:tensor:static")
+    if not spec.symmetric and spec.granularity != "tensor":
+        raise LowbitError(f"{module}: ONNX export writes asymmetric activations per tensor only "
+                          f"(DynamicQuantizeLinear), not {spec}; use int8:tensor:dynamic:asym")
+
+
+def dynamic_asymmetric_codes(edit: GraphEdit, x: str, hint: str) -> list[str]:
+    """(uint8 codes, scale, zero point) of ``x`` from one DynamicQuantizeLinear: lowbit's asymmetric rule."""
+    return edit.node("DynamicQuantizeLinear", [x], hint, n_outputs=3)
 
 
 def dequantized_weight(edit: GraphEdit, weight: OnnxWeight, hint: str) -> str:
@@ -68,6 +76,9 @@ def rows(edit: GraphEdit, x: str, width: int, hint: str) -> str:
 def qdq_activation(edit: GraphEdit, x: str, width: int, spec: ActivationSpec, static_scale: float | None,
                    hint: str) -> str:
     """``x`` through an int8 QuantizeLinear/DequantizeLinear pair with lowbit's activation rule."""
+    if not spec.symmetric:
+        codes, scale, zero = dynamic_asymmetric_codes(edit, x, hint)
+        return edit.node("DequantizeLinear", [codes, scale, zero], hint)
     zero = edit.const(f"{hint}.act_zero", np.array(0, np.int8))
     if spec.granularity == "token":
         x2d = rows(edit, x, width, hint)
