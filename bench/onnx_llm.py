@@ -77,8 +77,9 @@ def write(args, report: dict, rows: list, ppl_base: float) -> None:
              "lowbit,onnx`; lowbit's own evaluation of it (torch, fake-quant): "
              f"PPL {ev['ppl']:.3f}, KLD {ev['kld']:.4f}, top-1 {ev['top1']:.4f}. The float weights are dequantized "
              "Q4_1 (asym 4-bit, blocks of 32), which flatters asymmetric 4-bit grids. tok/s: prompt processing, "
-             "batch 1, 512-token windows, 2 threads, no KV cache in the graph; measured one file after the other "
-             "in one process on the shared 2-core machine (compare as ratios).", "",
+             "batch 1, one whole 512-token window per call (the graphs have a KV cache, given an empty past here; "
+             "decode speed with the cache is in bench/RESULTS_speed.md), 2 threads; measured one file after the "
+             "other in one process (compare as ratios).", "",
              "| graph | file MB | PPL | KLD | top-1 | tok/s | speed vs fp32 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, mb, m, speed in rows:

@@ -47,3 +47,24 @@ def test_default_gguf_in_llama_cpp_against_transformers():
         engine.close()
         reference.close()
     assert ours == theirs == items[0]["quantized"]["ids"]
+
+
+def test_a_gguf_original_in_llama_cpp_judges_the_engine_out():
+    """With the original in llama.cpp too, the same file against itself generates the same tokens: what is left
+    is the model, not the engines' arithmetic."""
+    source = resolve_source(None)
+    result = generate_job(GenerateOptions(target=str(source), original=str(source), original_engine="llama.cpp",
+                                          n_prompts=2, new_tokens=8), progress=False)
+    assert (result["engine"], result["original_engine"]) == ("llama.cpp", "llama.cpp")
+    assert all(i["exact"] and i["divergence"] == 8 for i in result["items"])
+    assert result["metrics"]["exact_match"] == 1.0
+
+
+def test_a_non_gguf_original_cannot_run_in_llama_cpp(tmp_path):
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="runs a GGUF original; .* is not a .gguf file"):
+        generate_job(GenerateOptions(target=str(resolve_source(None)), original="minilm",
+                                     original_engine="llama.cpp"), progress=False)
+    with pytest.raises(LowbitError, match="--original-engine must be one of"):
+        GenerateOptions(target="x", original_engine="vllm")

@@ -16,6 +16,7 @@ from lowbit.errors import LowbitError
 GENERATE_EXAMPLES = """examples:
   lowbit generate out/smollm2-w4a16                  # 32 built-in prompts x 48 tokens; writes generation.json inside
   lowbit generate out/smollm2-Q4_K_M-gptq.gguf       # the GGUF in llama.cpp, the original in transformers
+  lowbit generate out/q4km.gguf --original out/f16.gguf --original-engine llama.cpp   # both in llama.cpp
   lowbit generate out/w4-onnx --prompts my.jsonl --new-tokens 64 --original smollm2
   lowbit ab page out/smollm2-w4a16/generation.json   # blind A/B page + its key beside it
 """
@@ -38,6 +39,9 @@ def add_ab_parsers(sub: Any) -> None:
                    "(compressed-tensors), a .gguf file (llama.cpp) or an .onnx file / folder with model.onnx")
     g.add_argument("--original", help="the float model to compare with (default: the source the folder names, "
                    "else the built-in 'smollm2')")
+    g.add_argument("--original-engine", choices=("transformers", "llama.cpp"), default="transformers",
+                   help="where the original runs (default transformers); llama.cpp takes a GGUF original (e.g. "
+                   "its F16 file), so that a GGUF model is judged in the same engine as its original")
     g.add_argument("--prompts", metavar="FILE.jsonl", help="one JSON object per line with a \"prompt\" (or \"text\") "
                    "field (default: sentence starts from the pydoc topics after the evaluation windows)")
     g.add_argument("--n-prompts", type=int, help=f"how many prompts (default {DEFAULT_PROMPTS} built-in, "
@@ -75,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads <= 0:
         raise LowbitError(f"--threads must be positive, got {args.threads}")
     opts = GenerateOptions(target=args.model, original=args.original, prompts=args.prompts, n_prompts=args.n_prompts,
-                           new_tokens=args.new_tokens, threads=args.threads)
+                           new_tokens=args.new_tokens, threads=args.threads, original_engine=args.original_engine)
     result = generate_job(opts, progress=not args.json)
     path = write_result(result, args.out or default_result_path(args.model))
     if args.json:

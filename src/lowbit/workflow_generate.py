@@ -5,6 +5,11 @@ The original is loaded first, its continuations are kept as token ids, and it is
 model is opened, so only one model is in memory at a time (as ``lowbit eval`` does). Both models see exactly
 the same prompt token ids — the original tokenizer's, with no special tokens added — so the only difference
 between the continuations is the model (and, for GGUF and ONNX, the engine's arithmetic).
+
+With ``--original-engine llama.cpp`` the original (a GGUF file, e.g. an F16 one) runs in llama.cpp, as a GGUF
+target does: both sides then share the engine, and its arithmetic (which alone makes greedy paths part at
+near-ties) no longer counts against the quantized file. The tokenizer still comes from that file through
+transformers.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from tqdm.auto import tqdm
 from lowbit import __version__
 from lowbit.data.text import DEFAULT_TEXT_NAME
 from lowbit.errors import LowbitError
-from lowbit.eval.engines import TRANSFORMERS, Target, TransformersLM, check_vocabulary, inspect_target, open_engine
+from lowbit.eval.engines import LLAMA_CPP, TRANSFORMERS, Target, TransformersLM, check_vocabulary, inspect_target, open_engine
 from lowbit.eval.generation import (Continuations, NextTokenLogits, chrf, continuation_text, divergence_span,
                                     generation_metrics, greedy_continuation, rouge_l)
 from lowbit.eval.prompts import (DEFAULT_NEW_TOKENS, DEFAULT_PROMPTS, Prompt, default_prompts, encode_prompts,
@@ -32,6 +37,7 @@ from lowbit.model.load import CAUSAL_LM, load_model, resolve_source
 FORMAT = "lowbit-generation"
 FORMAT_VERSION = 1
 RESULT_FILE = "generation.json"
+ORIGINAL_ENGINES = (TRANSFORMERS, LLAMA_CPP)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,12 @@ class GenerateOptions:
     n_prompts: int | None = None
     new_tokens: int = DEFAULT_NEW_TOKENS
     threads: int | None = None
+    original_engine: str = TRANSFORMERS
+
+    def __post_init__(self) -> None:
+        if self.original_engine not in ORIGINAL_ENGINES:
+            raise LowbitError(f"--original-engine must be one of {', '.join(ORIGINAL_ENGINES)}, "
+                              f"got {self.original_engine!r}")
 
 
 def default_result_path(target: str | Path) -> Path:
@@ -84,7 +96,11 @@ def generate_job(opts: GenerateOptions, progress: bool = True) -> dict[str, Any]
         raise LowbitError(f"--n-prompts must be positive, got {opts.n_prompts}")
     target = inspect_target(opts.target)
     prompts = read_prompts(opts.prompts, opts.n_prompts) if opts.prompts else None  # bad files fail before loading
-    loaded = load_model(opts.original or _recorded_original(target))
+    source = opts.original or _recorded_original(target)
+    if opts.original_engine == LLAMA_CPP and resolve_source(source).suffix.lower() != ".gguf":
+        raise LowbitError(f"--original-engine llama.cpp runs a GGUF original; {resolve_source(source)} is not a "
+                          ".gguf file")
+    loaded = load_model(source)
     if loaded.kind != CAUSAL_LM:
         raise LowbitError(f"{loaded.source} is an encoder; generation needs a causal language model")
     tokenizer, original = loaded.tokenizer, loaded.source
@@ -94,11 +110,22 @@ def generate_job(opts: GenerateOptions, progress: bool = True) -> dict[str, Any]
     context = min(contexts) if contexts else 1 << 30
     encoded = encode_prompts(tokenizer, prompts, opts.new_tokens, context, opts.prompts or "the built-in prompts")
     stop_ids = _stop_ids(loaded.model, tokenizer)
-    reference, ref_seconds = _continuations(TransformersLM(loaded.model), encoded, opts.new_tokens, stop_ids,
-                                            "original", progress)
-    del loaded
+    n_ctx = max(len(ids) for ids in encoded) + opts.new_tokens
+    if opts.original_engine == LLAMA_CPP:
+        del loaded  # only its tokenizer is needed
+        gc.collect()
+        reference_lm = open_engine(inspect_target(original), n_ctx, opts.threads)
+    else:
+        reference_lm = TransformersLM(loaded.model)
+        del loaded
+    try:
+        reference, ref_seconds = _continuations(reference_lm, encoded, opts.new_tokens, stop_ids, "original",
+                                                progress)
+    finally:
+        reference_lm.close()
+    del reference_lm
     gc.collect()  # the original's weights go before the quantized model's arrive
-    engine = open_engine(target, max(len(ids) for ids in encoded) + opts.new_tokens, opts.threads)
+    engine = open_engine(target, n_ctx, opts.threads)
     try:
         test, test_seconds = _continuations(engine, encoded, opts.new_tokens, stop_ids, "quantized", progress)
     finally:
@@ -107,7 +134,7 @@ def generate_job(opts: GenerateOptions, progress: bool = True) -> dict[str, Any]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
         "model": str(opts.target), "kind": target.kind, "engine": target.engine, "label": _label(target),
-        "original": original, "original_engine": TRANSFORMERS, "decoding": "greedy",
+        "original": original, "original_engine": opts.original_engine, "decoding": "greedy",
         "prompts": {"source": opts.prompts or DEFAULT_TEXT_NAME, "count": len(prompts), "new_tokens": opts.new_tokens},
         "metrics": generation_metrics(pairs), "seconds": {"original": ref_seconds, "quantized": test_seconds},
         "items": items,
