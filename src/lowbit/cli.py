@@ -24,6 +24,7 @@ EPILOG = """examples:
   lowbit quantize --rule '*.down_proj=int8:channel' --ignore 're:.*layers\\.0\\..*'
   lowbit quantize --scheme W4A16 --asym --method gptq --act-order      # calibrated (128 x 512 tokens)
   lowbit quantize --scheme W3A16 --asym --method awq+gptq --calib-text my.jsonl
+  lowbit quantize --method gptq --out out/g --resume  # continue a killed run from its last finished block
   lowbit eval out/smollm2-w4a16 --text my.txt --json
   lowbit quantize --format gguf --type Q4_K_M         # llama.cpp file: imatrix + error feedback, measured in llama.cpp
   lowbit quantize --method gptq --format lowbit,onnx  # also out/...-onnx/model.onnx (int4 as MatMulNBits)
@@ -94,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "int8 per channel, keep; GGUF: Q2_K..Q8_0, F16)")
     q.add_argument("--out", help="output folder (default out/<model>-<scheme>...)")
     q.add_argument("--force", action="store_true", help="replace an existing output folder")
+    q.add_argument("--resume", action="store_true",
+                   help="calibrated methods: continue a killed run from its last finished block, saved in "
+                        "<out>.calib-state (the same command otherwise; the output is byte-identical to an "
+                        "uninterrupted run's; refused if the model, calibration data or recipe changed). Without "
+                        "--resume a run starts over and replaces that folder; a finished run removes it")
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
     q.add_argument("--stream", action="store_true", help="read a HF folder one block at a time (bounded memory; "
                    "no evaluation, run 'lowbit eval DIR' afterwards)")
@@ -162,6 +168,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise LowbitError(f"unknown output format {', '.join(unknown) or repr(args.format)}; "
                           f"choose from {', '.join(OUTPUT_FORMATS)}")
     derived = [f for f in formats if f in DERIVED_FORMATS]
+    if args.resume and "gguf" in formats:
+        raise LowbitError("--resume continues lowbit's block-by-block calibration; --format gguf quantizes on its "
+                          "own path and cannot resume: drop --resume or the gguf format")
     if "gguf" in formats:
         _quantize_gguf(args, several=len(formats) > 1)
     if "lowbit" in formats or derived:
@@ -221,6 +230,7 @@ def _quantize_lowbit(args: argparse.Namespace) -> Path:
         candidates=tuple(c.strip() for c in (args.candidates or "").split(",") if c.strip()),
         formats=tuple(f.strip().lower() for f in args.format.split(",") if f.strip() and f.strip().lower() != "gguf"),
         preset=args.preset,
+        resume=args.resume,
     )
     report, out_dir = quantize_job(opts, progress=not args.json)
     if args.json:

@@ -6,6 +6,7 @@ first and kept, so only one copy of the model's weights is ever in memory.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,12 +30,14 @@ from lowbit.model.embeddings import EmbeddingPlan, HeadOptions, plan_embeddings
 from lowbit.model.finite import check_forward, check_parameters, check_quantized, probe_inputs
 from lowbit.model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_manifest, write_checkpoint
 from lowbit.methods import needs_calibration
-from lowbit.model.load import CAUSAL_LM, LoadedModel, load_model
+from lowbit.model.load import CAUSAL_LM, LoadedModel, load_model, resolve_source
 from lowbit.pipeline.calibrated import peak_rss_mb, quantize_calibrated
+from lowbit.pipeline.resume import BlockState, make_fingerprint, source_identity, state_folder
 from lowbit.recipe import DEFAULT_IGNORE, Recipe, Rule, load_recipe, parse_rule, save_recipe
 from lowbit.schemes import get_scheme, weight_spec
 
 DEFAULT_SCHEME = "W4A16"
+log = logging.getLogger("lowbit")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,17 @@ class QuantizeOptions:
     candidates: tuple[str, ...] = ()  # the precisions the allocation chooses from (empty: the defaults)
     formats: tuple[str, ...] = ("lowbit",)  # every format that will be written (candidates must fit all)
     preset: str | None = None  # a named layer strategy (lowbit.presets)
+    resume: bool = False  # continue a killed calibrated run from <out>.calib-state (lowbit.pipeline.resume)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated run's samples (n x length token ids), the report's calibration section, and the per-block
+    state it saves (None: not resumable, e.g. inside QAT)."""
+
+    ids: torch.Tensor
+    report: dict[str, Any]
+    state: BlockState | None = None
 
 
 def build_recipe(opts: QuantizeOptions) -> Recipe:
@@ -172,6 +186,7 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
     t0 = time.perf_counter()
     recipe = build_recipe(opts)
     out_dir = Path(opts.out) if opts.out else default_out_dir(opts, recipe)
+    _refuse_existing(out_dir, opts.force)
     if opts.stream:
         return _stream_job(opts, recipe, out_dir, progress)
     loaded = load_model(opts.model)
@@ -180,13 +195,14 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
     budgeted = _plan_budget(opts, recipe, loaded, progress)
     heads = budgeted.heads if budgeted else plan_heads(opts, recipe, loaded.model)
     recipe = heads.recipe
+    calib = prepare_calibration(loaded, recipe, opts, out_dir)  # a changed --resume state is refused before any work
     t_load = time.perf_counter() - t0
     evaluator = Evaluator(loaded.kind, loaded.tokenizer, opts.eval, progress) if opts.evaluate else None
     t1 = time.perf_counter()
     if evaluator:
         evaluator.observe_original(loaded.model)
     t_ref = time.perf_counter() - t1
-    qm, calibration = post_training(loaded, recipe, opts, progress)
+    qm, calibration = post_training(loaded, recipe, opts, progress, calib)
     if not qm.qtensors and recipe.rules and any(r.spec for r in recipe.rules):
         raise LowbitError("the recipe's rules matched no weight of this model; check the targets")
     check_quantized(qm, probe_inputs(loaded.kind, loaded.tokenizer,
@@ -210,20 +226,58 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
         report["seconds"]["eval"] = t_ref + time.perf_counter() - t2
         report["peak_rss_mb"] = peak_rss_mb()
         write_report(report, tmp / "report.json")
+    _written(calib)
     return report, out_dir
 
 
-def post_training(loaded: LoadedModel, recipe: Recipe, opts: QuantizeOptions,
-                  progress: bool = True) -> tuple[QuantizedModel, dict[str, Any] | None]:
+def post_training(loaded: LoadedModel, recipe: Recipe, opts: QuantizeOptions, progress: bool = True,
+                  calib: Calibration | None = None) -> tuple[QuantizedModel, dict[str, Any] | None]:
     """Quantize ``loaded.model`` in place by ``recipe``: block by block with calibration samples when a method
     needs them (GPTQ, AWQ, SmoothQuant, static activations), else tensor by tensor. Returns the result and the
-    calibration section of the report (None when uncalibrated)."""
+    calibration section of the report (None when uncalibrated). ``calib``: samples and resumable state made
+    by ``prepare_calibration`` (None: drawn here, nothing saved per block)."""
     if recipe_needs_calibration(recipe):
-        calib_ids, calibration = _calibration_samples(loaded, opts)
-        qm = quantize_calibrated(loaded.model, recipe, calib_ids, opts.calibration.batch_size, progress,
-                                 compute_dtype=_compute_dtype(opts))
-        return qm, calibration
+        if calib is None:
+            calib = Calibration(*_calibration_samples(loaded, opts))
+        qm = quantize_calibrated(loaded.model, recipe, calib.ids, opts.calibration.batch_size, progress,
+                                 compute_dtype=_compute_dtype(opts), state=calib.state)
+        return qm, calib.report
     return quantize_model(loaded.model, recipe, progress), None
+
+
+def prepare_calibration(loaded: LoadedModel, recipe: Recipe, opts: QuantizeOptions,
+                        out_dir: Path) -> Calibration | None:
+    """``calibration_with_state(...)`` when the recipe needs calibration, else None (and a note if --resume was
+    given)."""
+    if recipe_needs_calibration(recipe):
+        return calibration_with_state(loaded, recipe, opts, out_dir)
+    if opts.resume:
+        log.warning("lowbit: note: --resume: method %s is not calibrated block by block; nothing to resume",
+                    recipe.method)
+    return None
+
+
+def calibration_with_state(loaded: LoadedModel, recipe: Recipe, opts: QuantizeOptions,
+                           out_dir: Path) -> Calibration:
+    """The calibration samples and the per-block state in ``<out_dir>.calib-state``: the one to continue with
+    ``opts.resume`` (refused if made for another model, data or recipe), else a fresh one that replaces any
+    an earlier run left."""
+    ids, report = _calibration_samples(loaded, opts)
+    fingerprint = make_fingerprint(source_identity(resolve_source(opts.model)), recipe, ids,
+                                   opts.calibration.batch_size, _compute_dtype(opts), opts.stream)
+    return Calibration(ids, report, BlockState.open(state_folder(out_dir), fingerprint, opts.resume))
+
+
+def _written(calib: Calibration | None) -> None:
+    """The output is written: the calibration state it was resumable from goes (a finished run leaves nothing)."""
+    if calib is not None and calib.state is not None:
+        calib.state.remove()
+
+
+def _refuse_existing(out_dir: Path, force: bool) -> None:
+    """Refuse an existing output before any work rather than after it (``atomic_directory`` checks again)."""
+    if out_dir.exists() and not force and (out_dir.is_file() or any(out_dir.iterdir())):
+        raise LowbitError(f"output {out_dir} already exists; choose another --out or pass --force to replace it")
 
 
 def _plan_budget(opts: QuantizeOptions, recipe: Recipe, loaded: LoadedModel, progress: bool):
@@ -287,7 +341,7 @@ def _stream_job(opts: QuantizeOptions, recipe: Recipe, out_dir: Path, progress: 
     """
     from transformers import AutoTokenizer
 
-    from lowbit.model.load import resolve_source, source_size
+    from lowbit.model.load import source_size
     from lowbit.model.streaming import StreamingSource
 
     path = resolve_source(opts.model)
@@ -300,10 +354,11 @@ def _stream_job(opts: QuantizeOptions, recipe: Recipe, out_dir: Path, progress: 
     recipe = resolve_aliases(recipe, source.model)
     heads = plan_heads(opts, recipe, source.model)
     recipe = heads.recipe
-    calib_ids, calibration = _calibration_samples(loaded, opts)
-    qm = quantize_calibrated(source.model, recipe, calib_ids, opts.calibration.batch_size, progress, source=source,
-                             compute_dtype=_compute_dtype(opts))
+    calib = calibration_with_state(loaded, recipe, opts, out_dir)  # streaming is block by block even for RTN
+    qm = quantize_calibrated(source.model, recipe, calib.ids, opts.calibration.batch_size, progress, source=source,
+                             compute_dtype=_compute_dtype(opts), state=calib.state)
     check_quantized(qm, None)  # the blocks' weights are released; each quantized block's outputs were checked
+    calibration = calib.report
     calibration["fp32_blocks"] = qm.fp32_blocks
     with atomic_directory(out_dir, force=opts.force) as tmp:
         write_checkpoint(qm, tmp, source.config, loaded.tokenizer, checkpoint_manifest(loaded, recipe))
@@ -312,6 +367,7 @@ def _stream_job(opts: QuantizeOptions, recipe: Recipe, out_dir: Path, progress: 
         report.update(calibration=calibration, peak_rss_mb=peak_rss_mb(), streamed=True)
         report.update(heads_report(heads, qm, source.model, report["size_bytes"]))
         write_report(report, tmp / "report.json")
+    _written(calib)
     return report, out_dir
 
 

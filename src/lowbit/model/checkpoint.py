@@ -29,7 +29,7 @@ from lowbit.formats.packing import pack_codes, unpack_codes
 from lowbit.formats.qtensor import QTensor
 from lowbit.formats.quantize import dequantize
 from lowbit.formats.spec import parse_spec
-from lowbit.model.act_quant import attach_input_quantizer, input_quantizers
+from lowbit.model.act_quant import InputQuantizer, attach_input_quantizer, input_quantizers
 from lowbit.model.apply import QuantizedModel
 from lowbit.model.conv1d import linearize_conv1d
 from lowbit.model.load import CAUSAL_LM, validate_safetensors
@@ -41,9 +41,25 @@ MANIFEST_FILE = "lowbit.json"
 
 def write_checkpoint(qm: QuantizedModel, out_dir: Path, config: Any, tokenizer: Any, manifest: dict) -> None:
     """Write the weights, config, tokenizer and manifest of a quantized model into ``out_dir``."""
+    tensors, entries = encode_quantized(qm.qtensors, input_quantizers(qm.model))
+    for name, t in qm.float_tensors.items():
+        tensors[name] = t.contiguous()
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata=weights_metadata(entries))
+    config.to_json_file(str(out_dir / "config.json"))
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def encode_quantized(qtensors: dict[str, QTensor],
+                     quantizers: dict[str, InputQuantizer]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata entries) of QTensors and input quantizers, as the weights file stores them.
+
+    ``quantizers`` maps a linear's name to its input quantizer. Shared with the per-block calibration state
+    (``lowbit.pipeline.resume``), so there is one way to store a QTensor.
+    """
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
-    for name, qt in qm.qtensors.items():
+    for name, qt in qtensors.items():
         tensors[f"{name}.qcodes"] = pack_codes(qt.codes, qt.spec.bits, signed=qt.spec.codes_signed)
         tensors[f"{name}.scales"] = qt.scales.contiguous()
         if qt.zeros is not None and qt.zeros.is_floating_point():  # HQQ's float zero points
@@ -53,17 +69,20 @@ def write_checkpoint(qm: QuantizedModel, out_dir: Path, config: Any, tokenizer: 
         if qt.global_scale is not None:
             tensors[f"{name}.global_scale"] = qt.global_scale.to(torch.float32).reshape(1).contiguous()
         entries[name] = {"spec": str(qt.spec), "shape": list(qt.shape), "matrix_shape": list(qt.codes.shape)}
-    for module_name, quantizer in input_quantizers(qm.model).items():
+    for module_name, quantizer in quantizers.items():
         entries[f"{module_name}.weight"]["input"] = str(quantizer.spec)
         if quantizer.scale is not None:
             tensors[f"{module_name}.input_scale"] = quantizer.scale.reshape(1).float().contiguous()
-    for name, t in qm.float_tensors.items():
-        tensors[name] = t.contiguous()
+    return tensors, entries
+
+
+def weights_metadata(entries: dict) -> dict[str, str]:
+    """The safetensors header metadata of a lowbit weights file: format version and each QTensor's entry.
+
+    No dates or timings: two runs with the same inputs write the same bytes.
+    """
     meta = {"format_version": FORMAT_VERSION, "lowbit_version": __version__, "quantized": entries}
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"lowbit": json.dumps(meta)})
-    config.to_json_file(str(out_dir / "config.json"))
-    tokenizer.save_pretrained(str(out_dir))
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return {"lowbit": json.dumps(meta)}
 
 
 def read_header(path: Path) -> tuple[dict, dict]:

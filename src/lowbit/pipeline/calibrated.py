@@ -4,6 +4,8 @@ Calibration samples run through the embeddings once; then, for each block: one f
 collects every target linear's input statistics, transforms (AWQ, SmoothQuant) fold their scales, each
 linear is quantized by the method, and one pass with the quantized weights produces the next block's
 inputs. Only the current block's statistics and the calibration activations are alive at a time.
+Given a ``BlockState`` (``lowbit.pipeline.resume``), each finished block is saved, and a killed run continues
+from the last one with the same result bit for bit.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,19 +23,20 @@ from tqdm.auto import tqdm
 from lowbit.arch import Family, require_family
 from lowbit.formats.activation import ActivationSpec, max_code
 from lowbit.errors import LowbitError
-from lowbit.formats.qtensor import split_rows
+from lowbit.formats.qtensor import QTensor, split_rows
 from lowbit.formats.spec import QuantSpec
 from lowbit.formats.quantize import check_finite, dequantize
 from lowbit.methods import get_method, split_method
 from lowbit.methods.gptq import GPTQOptions
-from lowbit.model.apply import QuantizedModel, cast_float_tensors, plan
-from lowbit.model.act_quant import attach_input_quantizer
+from lowbit.model.apply import FLOAT_TORCH_DTYPES, QuantizedModel, cast_float_tensors, plan
+from lowbit.model.act_quant import attach_input_quantizer, input_quantizers
 from lowbit.model.finite import first_nonfinite_module, nonfinite_count
 from lowbit.model.streaming import StreamingSource
 from lowbit.observers.input_stats import InputStats, rescale_inputs
 from lowbit.observers.ranges import get_range_observer
 from lowbit.pipeline.layers import BlockInput, capture_inputs, find_blocks, run_block
 from lowbit.pipeline.observe import observe_block
+from lowbit.pipeline.resume import BlockState, SavedBlock
 from lowbit.recipe import Recipe
 from lowbit.transforms.awq import search_scales
 from lowbit.transforms.mappings import applicable_mappings, fold_scales
@@ -51,13 +55,15 @@ def peak_rss_mb() -> float:
 
 def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, batch_size: int = 8,
                         progress: bool = True, source: StreamingSource | None = None,
-                        compute_dtype: torch.dtype = torch.float32) -> QuantizedModel:
+                        compute_dtype: torch.dtype = torch.float32, state: BlockState | None = None) -> QuantizedModel:
     """Quantize ``model`` in place block by block with calibration token windows ``calib_ids`` (n x length).
 
     With a streaming ``source`` (``model`` is then ``source.model``), each block's float weights are read
     just before it is processed and released right after, and its float parameters are kept in the result.
     ``compute_dtype=torch.bfloat16`` runs the calibration forward passes and Hessian products under bf16
     autocast (about 2-3x faster on CPUs with bf16 units); statistics are still accumulated in fp32.
+    With a ``state`` (``lowbit.pipeline.resume``), every finished block is saved there, and the blocks it
+    already holds are read back instead of computed: the result is bit for bit that of an uninterrupted run.
     """
     start = time.perf_counter()
     for pname, param in model.named_parameters():
@@ -66,48 +72,156 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
     transforms, quantizer = split_method(recipe.method)
     family = require_family(model, "+".join(transforms)) if transforms else None
     method = get_method(quantizer)
-    result = QuantizedModel(model=model, recipe=recipe)
     chosen = {name: (module, spec) for name, module, spec in plan(model, recipe)}
     input_specs = {name: recipe.input_spec_for(name, module) for name, (module, _) in chosen.items()}
+    run = _Run(recipe=recipe, result=QuantizedModel(model=model, recipe=recipe), chosen=chosen,
+               input_specs=input_specs, transforms=transforms, quantizer=quantizer, method=method, family=family,
+               compute_dtype=compute_dtype, want_hessian=quantizer == "gptq" or "awq" in transforms,
+               sample_rows=SAMPLE_ROWS if any(s is not None and not s.dynamic for s in input_specs.values()) else 0)
     prefix, blocks = find_blocks(model)
     inputs = capture_inputs(model, blocks[0], calib_ids, batch_size)
-    want_hessian = quantizer == "gptq" or "awq" in transforms
-    static_acts = any(spec is not None and not spec.dynamic for spec in input_specs.values())
-    for index, block in enumerate(tqdm(blocks, desc=f"{recipe.method} blocks", disable=not progress)):
-        block_prefix = f"{prefix}.{index}." if prefix else f"{index}."
-        targets = {n[len(block_prefix):]: m for n, (m, _) in chosen.items() if n.startswith(block_prefix)}
+    first = 0
+    if state is not None and state.done:
+        first, inputs = state.done, _restore(run, state, blocks, prefix, inputs, source)
+    bar = tqdm(range(first, len(blocks)), desc=f"{recipe.method} blocks", disable=not progress, initial=first,
+               total=len(blocks))
+    for index in bar:
+        block, block_prefix = blocks[index], _block_prefix(prefix, index)
         if source is not None:
             source.load_block(index)
             for pname, param in block.named_parameters():
                 check_finite(param.data, block_prefix + pname)
-        stats = _observe(block, targets, inputs, want_hessian, SAMPLE_ROWS if static_acts else 0, compute_dtype,
-                         index, result)
-        _apply_transforms(block, targets, stats, {n: chosen[block_prefix + n][1] for n in targets}, transforms, recipe,
-                          family)
-        with torch.no_grad():
-            for group in _stackable_groups(targets, stats, {n: chosen[block_prefix + n][1] for n in targets}):
-                first = group[0]
-                weight = torch.cat([targets[rel].weight for rel in group]) if len(group) > 1 else targets[first].weight
-                name = block_prefix + first + ".weight"
-                spec, inputs_ = _method_inputs(quantizer, transforms, stats.get(first), recipe,
-                                               chosen[block_prefix + first][1])
-                qt = method(weight, spec, name=name, **inputs_)
-                parts = split_rows(qt, [targets[rel].weight.shape[0] for rel in group])
-                for rel, part in zip(group, parts):
-                    module = targets[rel]
-                    module.weight.data.copy_(dequantize(part).to(module.weight.dtype))
-                    result.qtensors[block_prefix + rel + ".weight"] = part
-                    _attach_activation_quantizer(module, input_specs[block_prefix + rel], stats.get(rel))
-        del stats
-        inputs = _propagate(block, inputs, compute_dtype, index, block_prefix, result)
+        inputs = _quantize_block(run, block, index, block_prefix, inputs)
         if source is not None:
-            cast_float_tensors(model, result, root=block, prefix=block_prefix)
-            source.release_block(index)
+            cast_float_tensors(model, run.result, root=block, prefix=block_prefix)
+        if state is not None:
+            _save(run, state, block, index, block_prefix, inputs)
+        if source is not None:
+            _release(source, block, index)
+    result = run.result
     _quantize_outside_blocks(model, chosen, result, recipe, prefix)
     cast_float_tensors(model, result)
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
+
+
+def _release(source: StreamingSource, block: nn.Module, index: int) -> None:
+    """Drop a streamed block's weights, keeping its static activation scales (they are written at the end)."""
+    scales = {name: q.scale for name, q in input_quantizers(block).items()}
+    source.release_block(index)
+    for name, quantizer in input_quantizers(block).items():
+        quantizer.scale = scales[name]
+
+
+def _block_prefix(prefix: str, index: int) -> str:
+    return f"{prefix}.{index}." if prefix else f"{index}."
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every block of one calibrated run shares: the recipe, its plan, and the result being filled."""
+
+    recipe: Recipe
+    result: QuantizedModel
+    chosen: dict[str, tuple[nn.Module, QuantSpec]]
+    input_specs: dict[str, ActivationSpec | None]
+    transforms: tuple[str, ...]
+    quantizer: str
+    method: Callable[..., QTensor]
+    family: Family | None
+    compute_dtype: torch.dtype
+    want_hessian: bool
+    sample_rows: int
+
+
+def _quantize_block(run: _Run, block: nn.Module, index: int, block_prefix: str,
+                    inputs: list[BlockInput]) -> list[BlockInput]:
+    """Observe, transform and quantize one block, attach its activation quantizers; returns its outputs."""
+    chosen, result = run.chosen, run.result
+    targets = {n[len(block_prefix):]: m for n, (m, _) in chosen.items() if n.startswith(block_prefix)}
+    specs = {n: chosen[block_prefix + n][1] for n in targets}
+    stats = _observe(block, targets, inputs, run.want_hessian, run.sample_rows, run.compute_dtype, index, result)
+    _apply_transforms(block, targets, stats, specs, run.transforms, run.recipe, run.family)
+    with torch.no_grad():
+        for group in _stackable_groups(targets, stats, specs):
+            first = group[0]
+            weight = torch.cat([targets[rel].weight for rel in group]) if len(group) > 1 else targets[first].weight
+            spec, inputs_ = _method_inputs(run.quantizer, run.transforms, stats.get(first), run.recipe, specs[first])
+            qt = run.method(weight, spec, name=block_prefix + first + ".weight", **inputs_)
+            parts = split_rows(qt, [targets[rel].weight.shape[0] for rel in group])
+            for rel, part in zip(group, parts):
+                module = targets[rel]
+                module.weight.data.copy_(dequantize(part).to(module.weight.dtype))
+                result.qtensors[block_prefix + rel + ".weight"] = part
+                _attach_activation_quantizer(module, run.input_specs[block_prefix + rel], stats.get(rel))
+    del stats
+    return _propagate(block, inputs, run.compute_dtype, index, block_prefix, result)
+
+
+def _save(run: _Run, state: BlockState, block: nn.Module, index: int, block_prefix: str,
+          outputs: list[BlockInput]) -> None:
+    """Save finished block ``index`` into ``state``: QTensors, input quantizers, other float parameters, outputs."""
+    qtensors = {n: q for n, q in run.result.qtensors.items() if n.startswith(block_prefix)}
+    quantizers = {block_prefix + n: q for n, q in input_quantizers(block).items()}
+    floats = {block_prefix + n: p.data for n, p in block.named_parameters()
+              if block_prefix + n not in qtensors and p.is_floating_point()}
+    state.save_block(index, qtensors, quantizers, floats, [o.hidden for o in outputs], run.result.fp32_blocks)
+
+
+def _restore(run: _Run, state: BlockState, blocks: nn.ModuleList, prefix: str, inputs: list[BlockInput],
+             source: StreamingSource | None) -> list[BlockInput]:
+    """Put the blocks ``state`` holds back as they were when saved; returns the next block's inputs: the
+    calibration batches with their recomputed keyword arguments and the saved hidden states."""
+    if state.done > len(blocks):
+        raise LowbitError(f"the calibration state in {state.folder} has {state.done} blocks, this model "
+                          f"{len(blocks)}; run without --resume to start over")
+    for index in range(state.done):
+        block_prefix = _block_prefix(prefix, index)
+        saved = state.read_block(index)
+        run.result.qtensors.update(saved.qtensors)
+        _restore_parameters(run, state, blocks[index], block_prefix, saved, streaming=source is not None)
+        _restore_quantizers(run, state, blocks[index], block_prefix, saved)
+    run.result.fp32_blocks[:] = state.fp32_blocks
+    hidden = state.read_inputs()
+    if [h.shape for h in hidden] != [b.hidden.shape for b in inputs]:
+        raise LowbitError(f"the calibration state in {state.folder} holds inputs of other shapes than this run's "
+                          "calibration batches; run without --resume to start over")
+    return [BlockInput(h, b.kwargs) for h, b in zip(hidden, inputs)]
+
+
+def _restore_parameters(run: _Run, state: BlockState, block: nn.Module, block_prefix: str, saved: SavedBlock,
+                        streaming: bool) -> None:
+    """A saved block's weights back into the model: quantized ones as ``dequantize(QTensor)``, exactly what the
+    pipeline put there. Streaming, the block stays on the meta device and its float tensors go straight into
+    the result, rounded as ``cast_float_tensors`` rounds them."""
+    float_dtype = FLOAT_TORCH_DTYPES[run.recipe.float_dtype]
+    for rel, param in block.named_parameters():
+        name = block_prefix + rel
+        if name in saved.qtensors:
+            if not streaming:
+                param.data.copy_(dequantize(saved.qtensors[name]).to(param.dtype))
+            continue
+        value = saved.floats.get(name)
+        if value is None or value.shape != param.shape:
+            raise LowbitError(f"the calibration state in {state.folder} does not hold {name} as this model has it; "
+                              "run without --resume to start over")
+        if streaming:
+            run.result.float_tensors[name] = value.to(float_dtype)
+        else:
+            param.data.copy_(value)
+
+
+def _restore_quantizers(run: _Run, state: BlockState, block: nn.Module, block_prefix: str,
+                        saved: SavedBlock) -> None:
+    """Attach the block's activation quantizers with their saved static scales (dynamic ones have none)."""
+    for name, spec in run.input_specs.items():
+        if spec is None or not name.startswith(block_prefix):
+            continue
+        if name not in saved.input_scales or (saved.input_scales[name] is None) != spec.dynamic:
+            raise LowbitError(f"the calibration state in {state.folder} has no input quantizer for {name}; run "
+                              "without --resume to start over")
+        attach_input_quantizer(block.get_submodule(name[len(block_prefix):]), spec, saved.input_scales[name])
 
 
 def _observe(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[BlockInput], want_hessian: bool,
