@@ -47,10 +47,7 @@ def _file_bytes(path: Path) -> int:
 
 
 def _inspect_gguf(path: Path) -> dict[str, Any]:
-    import gguf
-
-    validate_gguf(path)
-    reader = gguf.GGUFReader(str(path))
+    reader = validate_gguf(path)  # bounded checks first, then gguf-py's reader
     rows = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
              "elements": int(t.n_elements), "bytes": int(t.n_bytes)} for t in reader.tensors]
     meta = {key: _gguf_value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}

@@ -13,13 +13,18 @@ CONTROL, NORMAL, USER_DEFINED = 3, 1, 4
 
 
 def copy_from_gguf(path: Path) -> list[tuple[str, Any, Any, Any]]:
-    """(key, value type, value, array element type) of every ``tokenizer.*`` field of a GGUF file."""
+    """(key, value type, value, array element type) of every ``tokenizer.*`` field of a GGUF file, read through
+    lowbit's checks (``validate_gguf``). Values are copied as they are: ``tokenizer.chat_template`` is a string
+    taken verbatim, never rendered or compiled (a template from an untrusted file is code)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    from lowbit.model.load import validate_gguf
+
+    reader = validate_gguf(path)
     out = []
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
+        # an empty array says nothing, and gguf-py's writer refuses one ("Empty array"): it is not copied
+        if not key.startswith("tokenizer.") or field.types == [gguf.GGUFValueType.ARRAY]:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None

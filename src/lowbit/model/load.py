@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from lowbit.arch import family_of
 from lowbit.errors import LowbitError
 from lowbit.model.conv1d import linearize_conv1d
+from lowbit.model.safetensors_checks import check_safetensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -96,37 +96,25 @@ def source_size(path: Path) -> int:
 
 
 def validate_gguf(path: Path):
-    """Parse the GGUF header and tensor table (the ``gguf.GGUFReader`` is returned); a bad file becomes a
-    one-line error."""
+    """Check the GGUF file with bounded reads (``lowbit.model.gguf_checks``) before ``gguf.GGUFReader``, which
+    trusts every length and count, parses it; the reader is returned. A bad file is a one-line error."""
     import gguf
 
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise LowbitError(f"{path} is not a GGUF file (bad magic bytes)")
+    from lowbit.model.gguf_checks import check_gguf
+
+    check_gguf(path)
     try:
-        reader = gguf.GGUFReader(str(path))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except Exception as exc:  # gguf raises many types for malformed files
-        raise LowbitError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
-    if end > path.stat().st_size:
-        raise LowbitError(f"{path} is a truncated GGUF file: tensor data ends past the end of the file")
-    return reader
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # the checks leave gguf-py nothing to trip on; should one be missed, still one line
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise LowbitError(f"{path} is a corrupt GGUF file that gguf-py cannot read ({type(exc).__name__}: "
+                          f"{reason})") from None
 
 
 def validate_safetensors(path: Path) -> None:
-    """Check a safetensors file's header and that its data section is complete."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if header_len <= 0 or header_len > size - 8:
-                raise ValueError("header length is out of range")
-            header = json.loads(f.read(header_len))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LowbitError(f"{path} is a corrupt safetensors file ({exc})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise LowbitError(f"{path} is a truncated safetensors file: expected {8 + header_len + end} bytes, found {size}")
+    """Check a safetensors file's header and that its tensors tile the data section exactly
+    (``lowbit.model.safetensors_checks``), before the safetensors library maps it."""
+    check_safetensors(path)
 
 
 def _load_gguf(path: Path) -> LoadedModel:
