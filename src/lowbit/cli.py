@@ -101,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "uninterrupted run's; refused if the model, calibration data or recipe changed). Without "
                         "--resume a run starts over and replaces that folder; a finished run removes it")
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
-    q.add_argument("--stream", action="store_true", help="read a HF folder one block at a time (bounded memory; "
-                   "no evaluation, run 'lowbit eval DIR' afterwards)")
+    q.add_argument("--stream", action="store_true", help="read a HF folder (sharded or not) one block at a time and "
+                   "write the output block by block, in shards (bounded memory; no evaluation, run 'lowbit eval DIR' "
+                   "afterwards)")
+    q.add_argument("--max-memory", metavar="SIZE", help="refuse a run whose memory estimate (printed before every "
+                   "run) exceeds SIZE, e.g. 4GB or 800MB")
     q.add_argument("--json", action="store_true", help="print report.json instead of a table")
     _add_eval_args(q)
     c = q.add_argument_group("calibration (gptq, awq, smoothquant)")
@@ -231,6 +234,7 @@ def _quantize_lowbit(args: argparse.Namespace) -> Path:
         formats=tuple(f.strip().lower() for f in args.format.split(",") if f.strip() and f.strip().lower() != "gguf"),
         preset=args.preset,
         resume=args.resume,
+        max_memory=args.max_memory,
     )
     report, out_dir = quantize_job(opts, progress=not args.json)
     if args.json:

@@ -28,7 +28,8 @@ from lowbit.io_utils import atomic_directory
 from lowbit.model.apply import QuantizedModel, quantize_model
 from lowbit.model.embeddings import EmbeddingPlan, HeadOptions, plan_embeddings
 from lowbit.model.finite import check_forward, check_parameters, check_quantized, probe_inputs
-from lowbit.model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_manifest, write_checkpoint
+from lowbit.model.checkpoint import (DEFAULT_SHARD_BYTES, WEIGHTS_FILE, load_checkpoint, read_manifest, weights_bytes,
+                                     write_checkpoint)
 from lowbit.methods import needs_calibration
 from lowbit.model.load import CAUSAL_LM, LoadedModel, load_model, resolve_source
 from lowbit.pipeline.calibrated import peak_rss_mb, quantize_calibrated
@@ -93,6 +94,8 @@ class QuantizeOptions:
     formats: tuple[str, ...] = ("lowbit",)  # every format that will be written (candidates must fit all)
     preset: str | None = None  # a named layer strategy (lowbit.presets)
     resume: bool = False  # continue a killed calibrated run from <out>.calib-state (lowbit.pipeline.resume)
+    max_memory: str | None = None  # refuse a run whose memory estimate exceeds this ("4GB"; lowbit.workflow_stream)
+    shard_bytes: int = DEFAULT_SHARD_BYTES  # --stream writes its output in shards of at most this many bytes
 
 
 @dataclass(frozen=True)
@@ -188,8 +191,14 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
     out_dir = Path(opts.out) if opts.out else default_out_dir(opts, recipe)
     _refuse_existing(out_dir, opts.force)
     if opts.stream:
-        return _stream_job(opts, recipe, out_dir, progress)
+        from lowbit.workflow_stream import stream_job
+
+        return stream_job(opts, recipe, out_dir, progress)
+    from lowbit.workflow_stream import estimate_report, in_memory_estimate
+
+    estimate = in_memory_estimate(opts, recipe)  # a folder: printed, and refused beyond --max-memory, before loading
     loaded = load_model(opts.model)
+    estimate = estimate or in_memory_estimate(opts, recipe, loaded.model)  # a GGUF file: once loaded
     check_parameters(loaded.model)  # NaN/Inf weights: say which before evaluating or calibrating anything
     recipe = resolve_aliases(recipe, loaded.model)
     budgeted = _plan_budget(opts, recipe, loaded, progress)
@@ -225,6 +234,7 @@ def quantize_job(opts: QuantizeOptions, progress: bool = True) -> tuple[dict[str
                                     "sensitivity_cached": budgeted.sensitivity.cached}
         report["seconds"]["eval"] = t_ref + time.perf_counter() - t2
         report["peak_rss_mb"] = peak_rss_mb()
+        report["memory_estimate"] = estimate_report(estimate) if estimate else None
         write_report(report, tmp / "report.json")
     _written(calib)
     return report, out_dir
@@ -334,43 +344,6 @@ def _calibration_samples(loaded: LoadedModel, opts: QuantizeOptions) -> tuple[to
                          "first_token": skip, "seed": cal.seed, "sample_starts": starts}
 
 
-def _stream_job(opts: QuantizeOptions, recipe: Recipe, out_dir: Path, progress: bool) -> tuple[dict[str, Any], Path]:
-    """Quantize a Hugging Face folder block by block from disk (one block's float weights at a time).
-
-    The original is never fully in memory, so nothing is evaluated here: ``lowbit eval DIR`` does that.
-    """
-    from transformers import AutoTokenizer
-
-    from lowbit.model.load import source_size
-    from lowbit.model.streaming import StreamingSource
-
-    path = resolve_source(opts.model)
-    if not path.is_dir():
-        raise LowbitError(f"--stream reads a Hugging Face safetensors folder; {path} is not one")
-    t0 = time.perf_counter()
-    source = StreamingSource(path)
-    loaded = LoadedModel(source.model, AutoTokenizer.from_pretrained(str(path)), source.kind, str(path), source_size(path))
-    t_load = time.perf_counter() - t0  # config, tokenizer and the weights outside the blocks
-    recipe = resolve_aliases(recipe, source.model)
-    heads = plan_heads(opts, recipe, source.model)
-    recipe = heads.recipe
-    calib = calibration_with_state(loaded, recipe, opts, out_dir)  # streaming is block by block even for RTN
-    qm = quantize_calibrated(source.model, recipe, calib.ids, opts.calibration.batch_size, progress, source=source,
-                             compute_dtype=_compute_dtype(opts), state=calib.state)
-    check_quantized(qm, None)  # the blocks' weights are released; each quantized block's outputs were checked
-    calibration = calib.report
-    calibration["fp32_blocks"] = qm.fp32_blocks
-    with atomic_directory(out_dir, force=opts.force) as tmp:
-        write_checkpoint(qm, tmp, source.config, loaded.tokenizer, checkpoint_manifest(loaded, recipe))
-        save_recipe(recipe, tmp / "recipe.yaml")
-        report = checkpoint_report(loaded, qm, tmp, None, {"load": t_load, "quantize": qm.seconds})
-        report.update(calibration=calibration, peak_rss_mb=peak_rss_mb(), streamed=True)
-        report.update(heads_report(heads, qm, source.model, report["size_bytes"]))
-        write_report(report, tmp / "report.json")
-    _written(calib)
-    return report, out_dir
-
-
 def eval_job(out_dir: str | Path, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     """Re-evaluate a written checkpoint against the original it was made from."""
     out_dir = Path(out_dir)
@@ -390,7 +363,7 @@ def eval_job(out_dir: str | Path, opts: EvalOptions, progress: bool = True) -> d
     return {
         "model": manifest["source"], "checkpoint": str(out_dir), "scheme": manifest.get("scheme"),
         "method": manifest.get("method"), "spec": manifest.get("spec"),
-        "size_bytes": (out_dir / WEIGHTS_FILE).stat().st_size, "bits_per_weight": bpw,
+        "size_bytes": weights_bytes(out_dir / WEIGHTS_FILE), "bits_per_weight": bpw,
         "eval": metrics, "seconds": {"eval": time.perf_counter() - t0}, "lowbit_version": __version__,
     }
 
@@ -411,7 +384,7 @@ def checkpoint_report(loaded: LoadedModel, qm: QuantizedModel, out: Path, metric
     return {
         "model": loaded.source, "kind": loaded.kind, "scheme": qm.recipe.scheme, "method": qm.recipe.method,
         "spec": _main_spec(qm.recipe), "float_dtype": qm.recipe.float_dtype,
-        "size_bytes": weights.stat().st_size, "source_bytes": loaded.source_bytes,
+        "size_bytes": weights_bytes(weights), "source_bytes": loaded.source_bytes,
         "bits_per_weight": bpw if bpw is not None else float(16 if qm.recipe.float_dtype != "fp32" else 32),
         "quantized_tensors": len(qm.qtensors), "quantized_weights": sum(q.numel for q in qm.qtensors.values()),
         "eval": metrics, "seconds": seconds, "lowbit_version": __version__,

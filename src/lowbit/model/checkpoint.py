@@ -9,6 +9,12 @@ and table formats are unsigned bit patterns; signed integer codes are packed wit
 The header metadata ``lowbit`` (JSON) records the format version and each quantized
 parameter's spec and shape. Float parameters are stored under their own names. Next to it: config.json,
 the tokenizer files, recipe.yaml, lowbit.json (what the checkpoint was made from) and report.json.
+
+A streamed run (``lowbit quantize --stream``) writes its weights block by block (``CheckpointShards``) as
+Hugging Face shards, ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``
+(``lowbit.model.shards``), when they do not fit one shard. Each shard holds whole blocks and its own ``lowbit``
+metadata for the QTensors in it; the readers here take ``<folder>/model.safetensors`` (or the folder) and read
+every shard when the folder is sharded, so callers do not care which layout they got.
 """
 
 from __future__ import annotations
@@ -33,10 +39,14 @@ from lowbit.model.act_quant import InputQuantizer, attach_input_quantizer, input
 from lowbit.model.apply import QuantizedModel
 from lowbit.model.conv1d import linearize_conv1d
 from lowbit.model.load import CAUSAL_LM, validate_safetensors
+from lowbit.model.shards import INDEX_FILE, ShardWriter, read_weight_map
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "lowbit.json"
+# A streamed run's shard limit: small enough that the shard being filled is a small part of its memory, large
+# enough that even a 70B model's output is tens of files, not hundreds.
+DEFAULT_SHARD_BYTES = 500 * 10**6
 
 
 def write_checkpoint(qm: QuantizedModel, out_dir: Path, config: Any, tokenizer: Any, manifest: dict) -> None:
@@ -45,9 +55,37 @@ def write_checkpoint(qm: QuantizedModel, out_dir: Path, config: Any, tokenizer: 
     for name, t in qm.float_tensors.items():
         tensors[name] = t.contiguous()
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata=weights_metadata(entries))
+    write_companions(out_dir, config, tokenizer, manifest)
+
+
+def write_companions(out_dir: Path, config: Any, tokenizer: Any, manifest: dict) -> None:
+    """Everything of a checkpoint folder but the weights: config.json, the tokenizer files and lowbit.json."""
     config.to_json_file(str(out_dir / "config.json"))
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+class CheckpointShards:
+    """lowbit's weights written group by group (a streamed run's finished blocks) into ``out_dir``, in shards of
+    at most ``max_shard_bytes`` (``lowbit.model.shards.ShardWriter``): each group's QTensors are packed when
+    added, so the caller can drop them. Stored exactly as ``write_checkpoint`` stores them; one shard is the
+    same ``model.safetensors``."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int):
+        self.writer = ShardWriter(out_dir, max_shard_bytes, weights_metadata)
+
+    def add(self, qtensors: dict[str, QTensor], floats: dict[str, torch.Tensor],
+            quantizers: dict[str, InputQuantizer]) -> None:
+        """Queue one group: its QTensors, float tensors, and the input quantizers of its quantized linears
+        (quantizers of modules whose weight is not in ``qtensors`` belong to another group and are skipped)."""
+        quantizers = {m: q for m, q in quantizers.items() if f"{m}.weight" in qtensors}
+        tensors, entries = encode_quantized(qtensors, quantizers)
+        tensors.update(floats)
+        self.writer.add(tensors, entries)
+
+    def finish(self) -> list[Path]:
+        """Write the last shard (and the index when there are several); returns the weight files."""
+        return self.writer.finish()
 
 
 def encode_quantized(qtensors: dict[str, QTensor],
@@ -85,8 +123,56 @@ def weights_metadata(entries: dict) -> dict[str, str]:
     return {"lowbit": json.dumps(meta)}
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The files behind a lowbit weights path: ``path`` itself when it is a file; else, for
+    ``<folder>/model.safetensors`` of a sharded output (or the folder), the shards its index names."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir() and path.name != WEIGHTS_FILE:
+        raise LowbitError(f"{path} does not exist")
+    folder = path if path.is_dir() else path.parent
+    if (folder / WEIGHTS_FILE).is_file():
+        return [folder / WEIGHTS_FILE]
+    if (folder / INDEX_FILE).is_file():
+        return sorted(set(read_weight_map(folder).values()))
+    raise LowbitError(f"{folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE}; is it a lowbit output folder?")
+
+
+def weight_file_names(folder: Path) -> set[str]:
+    """Names of the files in a checkpoint folder that hold its weights (``model.safetensors``, or the shards and
+    their index): what a copy of the folder's other files (tokenizer, chat template) must leave out."""
+    folder = Path(folder)
+    names = {WEIGHTS_FILE, INDEX_FILE}
+    if (folder / INDEX_FILE).is_file() and not (folder / WEIGHTS_FILE).is_file():
+        names |= {f.name for f in weight_files(folder)}
+    return names
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes on disk of a checkpoint's weights: the one file, or every shard."""
+    return sum(f.stat().st_size for f in weight_files(path))
+
+
 def read_header(path: Path) -> tuple[dict, dict]:
-    """(tensor table, lowbit metadata) of a checkpoint's weights file, without reading tensor data."""
+    """(tensor table, lowbit metadata) of a checkpoint's weights, without reading tensor data; for a sharded
+    checkpoint the tables and the ``quantized`` entries of every shard together."""
+    header: dict = {}
+    meta: dict = {}
+    for file in weight_files(path):
+        table, own = _read_file_header(file)
+        header.update(table)
+        if own and not meta:
+            meta = {**own, "quantized": dict(own.get("quantized", {}))}
+        elif own:
+            if own.get("format_version") != meta.get("format_version"):
+                raise LowbitError(f"{file} has format version {own.get('format_version')}, the other shards "
+                                  f"{meta.get('format_version')}; the shards do not belong together")
+            meta["quantized"].update(own.get("quantized", {}))
+    return header, meta
+
+
+def _read_file_header(path: Path) -> tuple[dict, dict]:
     validate_safetensors(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -94,12 +180,30 @@ def read_header(path: Path) -> tuple[dict, dict]:
     meta = header.pop("__metadata__", {}) or {}
     if "lowbit" not in meta:
         return header, {}
-    return header, json.loads(meta["lowbit"])
+    try:
+        own = json.loads(meta["lowbit"])
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; RecursionError: arrays nested 100,000 deep
+        raise LowbitError(f"{path}: its 'lowbit' metadata is not JSON ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:200]}); the checkpoint is corrupt") from None
+    if not isinstance(own, dict):
+        raise LowbitError(f"{path}: its 'lowbit' metadata is a JSON {type(own).__name__}, not an object; the "
+                          "checkpoint is corrupt")
+    return header, own
 
 
 def read_qtensors(path: Path) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
-    """All QTensors and float tensors stored in a lowbit weights file."""
-    _, meta = read_header(path)
+    """All QTensors and float tensors stored in a lowbit weights file (or every shard of a sharded one)."""
+    qtensors: dict[str, QTensor] = {}
+    floats: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        q, f = _read_file_qtensors(file)
+        qtensors.update(q)
+        floats.update(f)
+    return qtensors, floats
+
+
+def _read_file_qtensors(path: Path) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
+    _, meta = _read_file_header(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise LowbitError(f"{path} is not a lowbit checkpoint of format version {FORMAT_VERSION}")
     entries = meta["quantized"]
@@ -160,16 +264,17 @@ def load_checkpoint(out_dir: str | Path) -> tuple[nn.Module, Any, dict]:
 
 
 def read_input_quantizers(path: Path) -> dict[str, tuple[ActivationSpec, torch.Tensor | None]]:
-    """Activation spec and static scale (or None) of every linear whose input is quantized."""
-    _, meta = read_header(path)
+    """Activation spec and static scale (or None) of every linear whose input is quantized (every shard)."""
     out = {}
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        for name, entry in meta.get("quantized", {}).items():
-            if "input" in entry:
-                module = name.removesuffix(".weight")
-                key = f"{module}.input_scale"
-                out[module] = (parse_activation_spec(entry["input"]), f.get_tensor(key)[0] if key in keys else None)
+    for file in weight_files(path):
+        _, meta = _read_file_header(file)
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for name, entry in meta.get("quantized", {}).items():
+                if "input" in entry:
+                    module = name.removesuffix(".weight")
+                    key = f"{module}.input_scale"
+                    out[module] = (parse_activation_spec(entry["input"]), f.get_tensor(key)[0] if key in keys else None)
     return out
 
 

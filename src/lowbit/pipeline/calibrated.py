@@ -5,7 +5,8 @@ collects every target linear's input statistics, transforms (AWQ, SmoothQuant) f
 linear is quantized by the method, and one pass with the quantized weights produces the next block's
 inputs. Only the current block's statistics and the calibration activations are alive at a time.
 Given a ``BlockState`` (``lowbit.pipeline.resume``), each finished block is saved, and a killed run continues
-from the last one with the same result bit for bit.
+from the last one with the same result bit for bit. Streaming, a ``sink`` takes each finished block's QTensors
+and float tensors (to write them) and the result drops them, so nothing grows with the number of blocks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from lowbit.formats.quantize import check_finite, dequantize
 from lowbit.methods import get_method, split_method
 from lowbit.methods.gptq import GPTQOptions
 from lowbit.model.apply import FLOAT_TORCH_DTYPES, QuantizedModel, cast_float_tensors, plan
-from lowbit.model.act_quant import attach_input_quantizer, input_quantizers
+from lowbit.model.act_quant import InputQuantizer, attach_input_quantizer, input_quantizers
 from lowbit.model.finite import first_nonfinite_module, nonfinite_count
 from lowbit.model.streaming import StreamingSource
 from lowbit.observers.input_stats import InputStats, rescale_inputs
@@ -47,6 +48,9 @@ log = logging.getLogger("lowbit")
 
 SAMPLE_ROWS = 128  # input rows kept per batch and linear for static activation ranges
 
+# Takes one finished block: (QTensors, float tensors, input quantizers), each keyed by its full name.
+BlockSink = Callable[[dict[str, QTensor], dict[str, torch.Tensor], dict[str, InputQuantizer]], None]
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
@@ -55,7 +59,8 @@ def peak_rss_mb() -> float:
 
 def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tensor, batch_size: int = 8,
                         progress: bool = True, source: StreamingSource | None = None,
-                        compute_dtype: torch.dtype = torch.float32, state: BlockState | None = None) -> QuantizedModel:
+                        compute_dtype: torch.dtype = torch.float32, state: BlockState | None = None,
+                        sink: BlockSink | None = None) -> QuantizedModel:
     """Quantize ``model`` in place block by block with calibration token windows ``calib_ids`` (n x length).
 
     With a streaming ``source`` (``model`` is then ``source.model``), each block's float weights are read
@@ -64,8 +69,14 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
     autocast (about 2-3x faster on CPUs with bf16 units); statistics are still accumulated in fp32.
     With a ``state`` (``lowbit.pipeline.resume``), every finished block is saved there, and the blocks it
     already holds are read back instead of computed: the result is bit for bit that of an uninterrupted run.
+    With a ``sink`` (streaming only), every finished block, read back or computed, is handed to it in order and
+    its QTensors and float tensors leave the result, which then holds only what is outside the blocks.
     """
+    if sink is not None and source is None:
+        raise ValueError("a block sink needs a streaming source (in memory, the model keeps every block anyway)")
     start = time.perf_counter()
+    if source is not None:
+        source.load_outside()  # embeddings, final norm, head: the first block's inputs need them
     for pname, param in model.named_parameters():
         if not param.is_meta:
             check_finite(param.data, pname)
@@ -77,12 +88,15 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
     run = _Run(recipe=recipe, result=QuantizedModel(model=model, recipe=recipe), chosen=chosen,
                input_specs=input_specs, transforms=transforms, quantizer=quantizer, method=method, family=family,
                compute_dtype=compute_dtype, want_hessian=quantizer == "gptq" or "awq" in transforms,
-               sample_rows=SAMPLE_ROWS if any(s is not None and not s.dynamic for s in input_specs.values()) else 0)
+               sample_rows=SAMPLE_ROWS if any(s is not None and not s.dynamic for s in input_specs.values()) else 0,
+               handed_off=set())
     prefix, blocks = find_blocks(model)
     inputs = capture_inputs(model, blocks[0], calib_ids, batch_size)
+    if source is not None:
+        source.release_outside()  # not needed again until the end
     first = 0
     if state is not None and state.done:
-        first, inputs = state.done, _restore(run, state, blocks, prefix, inputs, source)
+        first, inputs = state.done, _restore(run, state, blocks, prefix, inputs, source, sink)
     bar = tqdm(range(first, len(blocks)), desc=f"{recipe.method} blocks", disable=not progress, initial=first,
                total=len(blocks))
     for index in bar:
@@ -96,10 +110,15 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
             cast_float_tensors(model, run.result, root=block, prefix=block_prefix)
         if state is not None:
             _save(run, state, block, index, block_prefix, inputs)
+        if sink is not None:
+            _hand_off(run, sink, block, block_prefix)
         if source is not None:
             _release(source, block, index)
+    del inputs  # the last block's outputs: nothing reads them
+    if source is not None:
+        source.load_outside()
     result = run.result
-    _quantize_outside_blocks(model, chosen, result, recipe, prefix)
+    _quantize_outside_blocks(model, chosen, result, recipe, run.handed_off)
     cast_float_tensors(model, result)
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
@@ -107,11 +126,21 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
 
 
 def _release(source: StreamingSource, block: nn.Module, index: int) -> None:
-    """Drop a streamed block's weights, keeping its static activation scales (they are written at the end)."""
+    """Drop a streamed block's weights, keeping its static activation scales (written with the block when there
+    is a sink, else at the end)."""
     scales = {name: q.scale for name, q in input_quantizers(block).items()}
     source.release_block(index)
     for name, quantizer in input_quantizers(block).items():
         quantizer.scale = scales[name]
+
+
+def _hand_off(run: _Run, sink: BlockSink, block: nn.Module, block_prefix: str) -> None:
+    """Give a finished block's QTensors, float tensors and input quantizers to ``sink``; the result drops them."""
+    result = run.result
+    qtensors = {n: result.qtensors.pop(n) for n in [n for n in result.qtensors if n.startswith(block_prefix)]}
+    run.handed_off.update(qtensors)
+    floats = {n: result.float_tensors.pop(n) for n in [n for n in result.float_tensors if n.startswith(block_prefix)]}
+    sink(qtensors, floats, {block_prefix + n: q for n, q in input_quantizers(block).items()})
 
 
 def _block_prefix(prefix: str, index: int) -> str:
@@ -133,6 +162,7 @@ class _Run:
     compute_dtype: torch.dtype
     want_hessian: bool
     sample_rows: int
+    handed_off: set[str]  # names of the QTensors given to the sink (no longer in the result)
 
 
 def _quantize_block(run: _Run, block: nn.Module, index: int, block_prefix: str,
@@ -170,9 +200,10 @@ def _save(run: _Run, state: BlockState, block: nn.Module, index: int, block_pref
 
 
 def _restore(run: _Run, state: BlockState, blocks: nn.ModuleList, prefix: str, inputs: list[BlockInput],
-             source: StreamingSource | None) -> list[BlockInput]:
-    """Put the blocks ``state`` holds back as they were when saved; returns the next block's inputs: the
-    calibration batches with their recomputed keyword arguments and the saved hidden states."""
+             source: StreamingSource | None, sink: BlockSink | None) -> list[BlockInput]:
+    """Put the blocks ``state`` holds back as they were when saved (handed to ``sink`` one by one, as a run
+    that computed them would); returns the next block's inputs: the calibration batches with their recomputed
+    keyword arguments and the saved hidden states."""
     if state.done > len(blocks):
         raise LowbitError(f"the calibration state in {state.folder} has {state.done} blocks, this model "
                           f"{len(blocks)}; run without --resume to start over")
@@ -182,6 +213,8 @@ def _restore(run: _Run, state: BlockState, blocks: nn.ModuleList, prefix: str, i
         run.result.qtensors.update(saved.qtensors)
         _restore_parameters(run, state, blocks[index], block_prefix, saved, streaming=source is not None)
         _restore_quantizers(run, state, blocks[index], block_prefix, saved)
+        if sink is not None:
+            _hand_off(run, sink, blocks[index], block_prefix)
     run.result.fp32_blocks[:] = state.fp32_blocks
     hidden = state.read_inputs()
     if [h.shape for h in hidden] != [b.hidden.shape for b in inputs]:
@@ -358,13 +391,13 @@ def _apply_transforms(block: nn.Module, targets: dict[str, nn.Linear], stats: di
                     rescale_inputs(shared, scales)
 
 
-def _quantize_outside_blocks(model, chosen, result, recipe, prefix) -> None:
+def _quantize_outside_blocks(model, chosen, result, recipe, handed_off: set[str]) -> None:
     """Targets outside the repeated blocks (rare: an unignored lm_head) get data-free RTN."""
     rtn = get_method("rtn")
     with torch.no_grad():
         for name, (module, spec) in chosen.items():
             pname = name + ".weight"
-            if pname not in result.qtensors:
+            if pname not in result.qtensors and pname not in handed_off:
                 qt = rtn(module.weight, spec, name=pname)
                 module.weight.data.copy_(dequantize(qt).to(module.weight.dtype))
                 result.qtensors[pname] = qt
