@@ -108,6 +108,11 @@ def test_sharded_output_loads_back_and_reports(folders, tmp_path):
     assert index["metadata"]["total_size"] == sum(streamed_tensor_bytes(tmp_path / "s").values())
     est = streamed["memory_estimate"]
     assert est["parts"]["one block in fp32"] == est["block_fp32_bytes"] > 0
+    # an export of the sharded output writes its own weights and copies only the other files (tokenizer ...)
+    assert main(["export", "gptq", str(tmp_path / "s"), "--out", str(tmp_path / "g"), "--json"]) == 0
+    exported = {f.name for f in (tmp_path / "g").iterdir()}
+    assert WEIGHTS_FILE in exported and not exported & (shards | {INDEX_FILE})
+    assert "tokenizer.json" in exported
 
 
 def streamed_tensor_bytes(out: Path) -> dict[str, int]:

@@ -29,7 +29,8 @@ from lowbit.formats.qtensor import QTensor
 from lowbit.formats.quantize import dequantize
 from lowbit.formats.spec import QuantSpec
 from lowbit.io_utils import atomic_directory
-from lowbit.model.checkpoint import WEIGHTS_FILE, read_input_quantizers, read_manifest, read_qtensors
+from lowbit.model.checkpoint import (WEIGHTS_FILE, read_input_quantizers, read_manifest, read_qtensors,
+                                     weight_file_names)
 from lowbit.model.load import CAUSAL_LM
 
 EXPORT_MANIFEST = "lowbit_export.json"
@@ -174,8 +175,9 @@ def write_hf_folder(
         _write_json(tmp / EXPORT_MANIFEST, {"format_version": EXPORT_FORMAT_VERSION, "lowbit_version": __version__,
                                             "format": format_name, "source": str(source.folder),
                                             "made_from": source.manifest, "dequantized": source.dequantized})
+        skipped = NOT_COPIED | weight_file_names(source.folder)  # a streamed output's shards and index too
         for path in sorted(source.folder.iterdir()):
-            if path.is_file() and path.name not in NOT_COPIED:
+            if path.is_file() and path.name not in skipped:
                 shutil.copy2(path, tmp / path.name)
     return {"path": str(out), "format": format_name, "bytes": (out / WEIGHTS_FILE).stat().st_size,
             "quantized": len(source.modules), "float_linears": source.float_linears(),
