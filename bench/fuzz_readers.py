@@ -74,7 +74,10 @@ def run_case(open_file, path: Path, limit_s: float) -> tuple[str, str, float]:
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         outcome = "other exception"
         detail = f"{type(exc).__name__}: {str(exc)[:160]!r} at {Path(frame.filename).name}:{frame.lineno}"
-    return outcome, detail, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if outcome != "timeout" and seconds >= limit_s:  # CaseTimeout caught by code that catches Exception, re-raised
+        outcome, detail = "timeout", f"past {limit_s} s, then {outcome}"  # as a LowbitError: still a timeout
+    return outcome, detail, seconds
 
 
 def fuzz(stages: list[tuple[Tally, object]], seed_path: Path, seed_of, cases: int, rng: random.Random,

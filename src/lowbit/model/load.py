@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,29 +119,101 @@ def validate_safetensors(path: Path) -> None:
 
 
 def _load_gguf(path: Path) -> LoadedModel:
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     reader = validate_gguf(path)
+    blocks = _block_indices(reader)
+    _check_block_count(_raw_block_count(reader), blocks, path)  # before transformers loops over the blocks
     try:
         # transformers parses the whole file again for the config and for the tokenizer (seconds per parse
         # with a large vocabulary): hand it the reader we already have.
         with _gguf_parsed_once(path, reader):
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, KeyError, OSError) as exc:
-        raise LowbitError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 -- transformers and tokenizers on untrusted metadata raise anything
+        raise _refusal(path, "read its metadata into a config and tokenizer", exc) from None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    # Parameters on the meta device (buffers such as rotary frequencies are real), then each GGUF tensor is
+    _check_block_count(getattr(config, "num_hidden_layers", None), blocks, path)
+    # Built on the meta device: nothing is allocated (or randomly initialized) until the sizes are checked against
+    # the tensors in the file; then the buffers (rotary frequencies) are computed and each GGUF tensor is
     # dequantized straight into its parameter: one float copy of the weights, no transformers-loaded twin.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 -- as above: the config's values come from the file
+        raise _refusal(path, "build a model from its metadata", exc) from None
+    _check_fits(model, reader, path)
+    _materialize_buffers(model, path)
     with _gguf_parsed_once(path, reader):
         _fill_from_gguf(model, reader, path)
     del reader  # unmaps the file
     model.eval()
     return LoadedModel(model, tokenizer, CAUSAL_LM, str(path), source_size(path))
+
+
+def _refusal(path: Path, what: str, exc: Exception) -> LowbitError:
+    """The one-line error for a file whose metadata transformers (or tokenizers) cannot turn into a model:
+    the exception's type and its message with the lines joined (the informative line is often the second)."""
+    reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    reason = reason if len(reason) <= 200 else reason[:197] + "..."
+    return LowbitError(f"{path}: transformers cannot {what} ({type(exc).__name__}: {reason}); the file is corrupt "
+                       "or holds a model transformers does not support")
+
+
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.")
+
+
+def _block_indices(reader) -> set[int]:
+    """The block numbers N of the file's ``blk.N.*`` tensors."""
+    return {int(m.group(1)) for t in reader.tensors if (m := _BLOCK_TENSOR.match(t.name))}
+
+
+def _raw_block_count(reader) -> object:
+    """``<architecture>.block_count`` as the file states it, of whatever type (None if absent)."""
+    arch = reader.fields.get("general.architecture")
+    arch = arch.contents() if arch is not None else None
+    field = reader.fields.get(f"{arch}.block_count") if isinstance(arch, str) else None
+    return field.contents() if field is not None else None
+
+
+def _check_block_count(count: object, blocks: set[int], path: Path) -> None:
+    """Refuse a block count the tensors do not back: transformers would build (and loop over) every block the
+    metadata names, 2**31 of them if it says so, before finding out that the file cannot fill them."""
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        return  # transformers validates the type and sign
+    absent = [i for i in range(min(count, len(blocks) + 1)) if i not in blocks]
+    if absent:
+        raise LowbitError(f"{path}: its metadata says {count} blocks, but it holds tensors for {len(blocks)} (none "
+                          f"for blk.{absent[0]}); the file is corrupt")
+
+
+def _check_fits(model: nn.Module, reader, path: Path) -> None:
+    """Refuse a model (built on the meta device, so nothing is allocated yet) that needs more values than the
+    file's tensors hold: a dimension in the metadata that the tensors do not back (an embedding length of 2**31)
+    would otherwise allocate hundreds of GB before a shape check could refuse it. Buffers get the same bound."""
+    held = sum(int(t.n_elements) for t in reader.tensors)
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())
+    if params > held or buffers > held:
+        raise LowbitError(f"{path}: its metadata describes a model of {params:,} parameters and {buffers:,} buffer "
+                          f"values, but its tensors hold {held:,} values; the file is corrupt")
+
+
+def _materialize_buffers(model: nn.Module, path: Path) -> None:
+    """Make the buffers of a model built on the meta device real (rotary frequencies, Gemma's embedding scale):
+    computed on the CPU by the model's own initializer, as transformers' from_pretrained does for buffers no file
+    holds. Parameters stay on the meta device."""
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                names = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
+                for name in names:
+                    module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+                if names:
+                    model._init_weights(module)
+    except Exception as exc:  # noqa: BLE001 -- the initializer computes from the file's values (rope base, scaling)
+        raise _refusal(path, "compute the model's buffers from its metadata", exc) from None
 
 
 _DEQUANT_CHUNK = 1 << 22  # raw elements dequantized at a time: bounds numpy's temporaries for a large embedding
@@ -200,16 +273,19 @@ def _fill_from_gguf(model: nn.Module, reader, path: Path) -> None:
         arch = read_field(reader, "general.architecture")[0]
         processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
         key_map = get_gguf_hf_weights_map(model, processor)
-    except (ValueError, KeyError, IndexError, NotImplementedError) as exc:
-        raise LowbitError(f"transformers cannot map the tensors of {path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 -- transformers' name map on a model built from untrusted metadata
+        raise _refusal(path, "map its tensors onto the model", exc) from None
     parsed: dict = {"tensors": {}}  # processors that split or merge tensors (MoE experts) put them here
     for tensor in reader.tensors:
         try:
             weights = _dequantize(tensor)
         except (NotImplementedError, ValueError) as exc:
             raise LowbitError(f"cannot dequantize {tensor.name} ({tensor.tensor_type.name}) of {path}: {exc}") from None
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=key_map,
-                                   parsed_parameters=parsed)
+        try:  # per-architecture fixes reshape by the metadata's head counts (Llama's q/k row order)
+            result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=key_map,
+                                       parsed_parameters=parsed)
+        except Exception as exc:  # noqa: BLE001 -- as above
+            raise _refusal(path, f"fit its tensor {tensor.name} to the model", exc) from None
         if result.name in key_map:
             _assign(model, key_map[result.name], torch.from_numpy(np.ascontiguousarray(result.weights)), path)
     for name, value in parsed["tensors"].items():
