@@ -71,7 +71,7 @@ def make_models(work: Path) -> list[tuple[str, int, Path]]:
     models = []
     for label, bits, name, flags in HF_ROWS:
         out = work / name
-        if not (out / "manifest.json").exists():
+        if not (out / "report.json").exists():
             run(["quantize", *flags, "--no-eval", "--out", str(out), "--force", "--json"])
         models.append((label, bits, out))
     for gguf_type, bits in (("F16", 16), *GGUF_ROWS):
@@ -83,11 +83,16 @@ def make_models(work: Path) -> list[tuple[str, int, Path]]:
     return models
 
 
-def judge(target: Path, out: Path, prompts: Path | None, args, original: Path | None = None) -> dict:
+def judge(target: Path, out: Path, prompts: Path | None, args, original: Path | None = None,
+          reuse: Path | None = None) -> dict:
+    """``lowbit generate`` of ``target`` (skipped if ``out`` exists); ``reuse``: an earlier result on the same
+    prompts whose original continuations are taken instead of generating them again (lowbit checks they match)."""
     argv = ["generate", str(target), "--out", str(out), "--new-tokens", str(args.new_tokens), "--json"]
     argv += ["--prompts", str(prompts)] if prompts else ["--n-prompts", str(args.n_prompts)]
     if original is not None:
         argv += ["--original", str(original), "--original-engine", "llama.cpp"]
+    if reuse is not None:
+        argv += ["--reuse-original", str(reuse)]
     if not out.exists():
         run(argv)
     return json.loads(out.read_text())
@@ -143,12 +148,15 @@ def main() -> None:
         f16 = next(path for label, _, path in models if label == F16)
         rows = []
         for set_name, prompts in prompt_sets.items():
+            first: dict[str, Path] = {}  # the first result per original engine: the others reuse its original side
             for label, bits, path in models:
                 # GGUF rows: against the transformers original, then against the F16 GGUF in llama.cpp
                 originals = [None, f16] if path.suffix == ".gguf" and label != F16 else [None]
                 for original in originals:
                     tag = "llama" if original else "hf"
-                    result = judge(path, work / f"gen-{set_name}-{path.stem}-{tag}.json", prompts, args, original)
+                    out = work / f"gen-{set_name}-{path.stem}-{tag}.json"
+                    result = judge(path, out, prompts, args, original, first.get(tag))
+                    first.setdefault(tag, out)
                     rows.append({"row": label, "engine": result["engine"], "original_engine": result["original_engine"],
                                  "prompt_set": set_name, "bits": bits, "metrics": result["metrics"]})
                     print(json.dumps(rows[-1]), flush=True)

@@ -68,3 +68,28 @@ def test_a_non_gguf_original_cannot_run_in_llama_cpp(tmp_path):
                                      original_engine="llama.cpp"), progress=False)
     with pytest.raises(LowbitError, match="--original-engine must be one of"):
         GenerateOptions(target="x", original_engine="vllm")
+
+
+def test_reused_original_continuations_are_checked_and_equal(tmp_path):
+    """--reuse-original takes the original's side of an earlier result on the same prompts; another prompt set or
+    length is refused in one line."""
+    import json
+
+    from lowbit.errors import LowbitError
+    from lowbit.workflow_generate import write_result
+
+    source = str(resolve_source(None))
+    first = generate_job(GenerateOptions(target=source, original=source, original_engine="llama.cpp", n_prompts=2,
+                                         new_tokens=6), progress=False)
+    path = write_result(first, tmp_path / "first.json")
+    again = generate_job(GenerateOptions(target=source, original=source, original_engine="llama.cpp", n_prompts=2,
+                                         new_tokens=6, reuse_original=str(path)), progress=False)
+    assert [i["original"]["ids"] for i in again["items"]] == [i["original"]["ids"] for i in first["items"]]
+    assert again["metrics"] == first["metrics"]
+    with pytest.raises(LowbitError, match="was not made from .* with 7 new tokens"):
+        generate_job(GenerateOptions(target=source, original=source, original_engine="llama.cpp", n_prompts=2,
+                                     new_tokens=7, reuse_original=str(path)), progress=False)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(LowbitError, match="not a readable lowbit generation result"):
+        generate_job(GenerateOptions(target=source, original=source, original_engine="llama.cpp", n_prompts=2,
+                                     new_tokens=6, reuse_original=str(tmp_path / "bad.json")), progress=False)

@@ -42,6 +42,8 @@ def add_ab_parsers(sub: Any) -> None:
     g.add_argument("--original-engine", choices=("transformers", "llama.cpp"), default="transformers",
                    help="where the original runs (default transformers); llama.cpp takes a GGUF original (e.g. "
                    "its F16 file), so that a GGUF model is judged in the same engine as its original")
+    g.add_argument("--reuse-original", metavar="GENERATION.json", help="take the original's continuations from an "
+                   "earlier result on the same prompts (checked) instead of generating them again")
     g.add_argument("--prompts", metavar="FILE.jsonl", help="one JSON object per line with a \"prompt\" (or \"text\") "
                    "field (default: sentence starts from the pydoc topics after the evaluation windows)")
     g.add_argument("--n-prompts", type=int, help=f"how many prompts (default {DEFAULT_PROMPTS} built-in, "
@@ -79,7 +81,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads <= 0:
         raise LowbitError(f"--threads must be positive, got {args.threads}")
     opts = GenerateOptions(target=args.model, original=args.original, prompts=args.prompts, n_prompts=args.n_prompts,
-                           new_tokens=args.new_tokens, threads=args.threads, original_engine=args.original_engine)
+                           new_tokens=args.new_tokens, threads=args.threads, original_engine=args.original_engine,
+                           reuse_original=args.reuse_original)
     result = generate_job(opts, progress=not args.json)
     path = write_result(result, args.out or default_result_path(args.model))
     if args.json:

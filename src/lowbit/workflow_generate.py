@@ -54,6 +54,7 @@ class GenerateOptions:
     new_tokens: int = DEFAULT_NEW_TOKENS
     threads: int | None = None
     original_engine: str = TRANSFORMERS
+    reuse_original: str | None = None
 
     def __post_init__(self) -> None:
         if self.original_engine not in ORIGINAL_ENGINES:
@@ -111,19 +112,15 @@ def generate_job(opts: GenerateOptions, progress: bool = True) -> dict[str, Any]
     encoded = encode_prompts(tokenizer, prompts, opts.new_tokens, context, opts.prompts or "the built-in prompts")
     stop_ids = _stop_ids(loaded.model, tokenizer)
     n_ctx = max(len(ids) for ids in encoded) + opts.new_tokens
-    if opts.original_engine == LLAMA_CPP:
-        del loaded  # only its tokenizer is needed
-        gc.collect()
-        reference_lm = open_engine(inspect_target(original), n_ctx, opts.threads)
+    # the transformers model is kept only when it generates; only one model is in memory at a time
+    model = loaded.model if not opts.reuse_original and opts.original_engine == TRANSFORMERS else None
+    del loaded
+    gc.collect()
+    if opts.reuse_original:
+        reference, ref_seconds = _reused_reference(opts, original, encoded)
     else:
-        reference_lm = TransformersLM(loaded.model)
-        del loaded
-    try:
-        reference, ref_seconds = _continuations(reference_lm, encoded, opts.new_tokens, stop_ids, "original",
-                                                progress)
-    finally:
-        reference_lm.close()
-    del reference_lm
+        reference, ref_seconds = _original_continuations(opts, model, original, encoded, n_ctx, stop_ids, progress)
+    del model
     gc.collect()  # the original's weights go before the quantized model's arrive
     engine = open_engine(target, n_ctx, opts.threads)
     try:
@@ -139,6 +136,40 @@ def generate_job(opts: GenerateOptions, progress: bool = True) -> dict[str, Any]
         "metrics": generation_metrics(pairs), "seconds": {"original": ref_seconds, "quantized": test_seconds},
         "items": items,
     }
+
+
+def _original_continuations(opts: GenerateOptions, model: Any, original: str, encoded: list[list[int]], n_ctx: int,
+                            stop_ids: set[int], progress: bool) -> tuple[list[list[int]], float]:
+    """The original's greedy continuations in its engine: ``model`` in transformers, or the GGUF file
+    ``original`` in llama.cpp (``model`` None)."""
+    if opts.original_engine == LLAMA_CPP:
+        lm = open_engine(inspect_target(original), n_ctx, opts.threads)
+    else:
+        lm = TransformersLM(model)
+    try:
+        return _continuations(lm, encoded, opts.new_tokens, stop_ids, "original", progress)
+    finally:
+        lm.close()
+
+
+def _reused_reference(opts: GenerateOptions, original: str, encoded: list[list[int]]) -> tuple[list[list[int]], float]:
+    """The original's continuations from an earlier result (``--reuse-original``), which must have been made from
+    the same original in the same engine, on the same prompt ids, with the same number of new tokens."""
+    path = Path(opts.reuse_original)
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        same = (earlier.get("format") == FORMAT and earlier["original"] == original
+                and earlier["original_engine"] == opts.original_engine
+                and earlier["prompts"]["new_tokens"] == opts.new_tokens
+                and [item["prompt_ids"] for item in earlier["items"]] == encoded)
+        reference = [list(item["original"]["ids"]) for item in earlier["items"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LowbitError(f"--reuse-original {path} is not a readable lowbit generation result "
+                          f"({type(exc).__name__}: {exc})") from None
+    if not same:
+        raise LowbitError(f"--reuse-original {path} was not made from {original} in {opts.original_engine} on these "
+                          f"prompts with {opts.new_tokens} new tokens; run without it")
+    return reference, float(earlier.get("seconds", {}).get("original", 0.0))
 
 
 def _recorded_original(target: Target) -> str | None:
