@@ -106,11 +106,20 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=HERE / "out_stream")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS_stream.md")
     parser.add_argument("--keep", action="store_true", help="keep the sharded copy (the model in fp32) afterwards")
-    args = parser.parse_args()
 
+    parser.add_argument("--copy-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     copy = args.dir / "sharded-copy"
-    shards = make_sharded_copy(args.model, copy, args.shard_size)
+    if args.copy_only:
+        make_sharded_copy(args.model, copy, args.shard_size)
+        return 0
+    # The copy is made in a child process: Linux carries a process's peak RSS across fork and exec, so a parent
+    # that had loaded the model would hand its own peak to every measured child (ru_maxrss and lowbit's
+    # report.json peak alike).
+    subprocess.run([sys.executable, __file__, "--copy-only", "--model", args.model, "--shard-size", args.shard_size,
+                    "--dir", str(args.dir)], check=True)
+    shards = sorted(p.name for p in copy.glob("*.safetensors"))
     base = [sys.executable, "-m", "lowbit.cli", "quantize", str(copy), "--method", args.method, "--no-eval",
             "--json", "--force", "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length),
             *shlex.split(args.extra)]
