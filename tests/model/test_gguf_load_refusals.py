@@ -14,7 +14,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.model.load import load_model
-from tests.model.untrusted_samples import FF, HEADS, HIDDEN, KV_HEADS, MERGES, _tensors, tiny_tokens
+from tests.model.untrusted_samples import (FF, HEADS, HIDDEN, KV_HEADS, MERGES, _tensors, add_tensor, finish,
+                                           tiny_tokens)
 
 # GGUFWriter.add_<name> -> value: the metadata of tests/model/untrusted_samples.py's write_tiny_gguf
 METADATA = dict(context_length=128, embedding_length=HIDDEN, block_count=1, feed_forward_length=FF, head_count=HEADS,
@@ -37,15 +38,8 @@ def write_gguf(path: Path, u32: dict[str, int] | None = None, rows: dict[str, in
     for name, data, type_name in _tensors(rng, len(tiny_tokens())):
         if name in (rows or {}):
             data = rng.standard_normal((rows[name], data.shape[1])).astype(np.float32)
-        qtype = gguf.GGMLQuantizationType[type_name]
-        if type_name in ("F16", "F32"):
-            writer.add_tensor(name, data.astype(np.float16 if type_name == "F16" else np.float32))
-        else:
-            writer.add_tensor(name, gguf.quantize(data, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        add_tensor(writer, name, data, type_name)
+    finish(writer)
     return path
 
 

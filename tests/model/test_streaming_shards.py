@@ -20,9 +20,10 @@ from lowbit.errors import LowbitError
 from lowbit.model.checkpoint import (INDEX_FILE, WEIGHTS_FILE, CheckpointShards, load_checkpoint,
                                      read_input_quantizers, read_qtensors, weight_file_names, weight_files)
 from lowbit.model.shards import ShardWriter, shard_name
-from lowbit.pipeline.resume import BlockState, state_folder
+from lowbit.pipeline.resume import state_folder
 from lowbit.workflow import CalibrationOptions, QuantizeOptions, quantize_job
 from tests.arch_models import tiny_model
+from tests.kill_points import Killed, die_after_block
 from tests.conftest import make_tokenizer
 
 TEXT = "calib.txt"
@@ -152,18 +153,9 @@ def test_finished_blocks_are_written_and_dropped(folders, tmp_path):
 
 
 def test_a_killed_streamed_run_resumes_to_the_same_shards(folders, tmp_path, monkeypatch):
-    class Killed(BaseException):
-        pass
-
     full = quantize_job(_options(folders["llama"], tmp_path / "full", "gptq", True), progress=False)[1]
     out = tmp_path / "out"
-    save = BlockState.save_block
-
-    def save_then_die(self, index, *args, **kwargs):
-        save(self, index, *args, **kwargs)
-        raise Killed
-
-    monkeypatch.setattr(BlockState, "save_block", save_then_die)
+    die_after_block(monkeypatch)
     with pytest.raises(Killed):
         quantize_job(_options(folders["llama"], out, "gptq", True), progress=False)
     monkeypatch.undo()

@@ -78,18 +78,28 @@ def write_tiny_gguf(path: Path, chat_template: str = HOSTILE_TEMPLATE, seed: int
     writer.add_add_bos_token(False)
     writer.add_chat_template(chat_template)
     for name, data, type_name in _tensors(np.random.default_rng(seed), len(tokens)):
-        qtype = gguf.GGMLQuantizationType[type_name]
-        if type_name == "F16":
-            writer.add_tensor(name, data.astype(np.float16))
-        elif type_name == "F32":
-            writer.add_tensor(name, data)
-        else:
-            writer.add_tensor(name, gguf.quantize(data, qtype), raw_dtype=qtype)
+        add_tensor(writer, name, data, type_name)
+    finish(writer)
+    return path
+
+
+def add_tensor(writer, name: str, data: np.ndarray, type_name: str) -> None:
+    """Add float32 ``data`` to a GGUFWriter as F16, F32, or a type gguf-py quantizes (Q8_0, Q4_0, ...)."""
+    import gguf
+
+    if type_name in ("F16", "F32"):
+        writer.add_tensor(name, data.astype(np.float16 if type_name == "F16" else np.float32))
+        return
+    qtype = gguf.GGMLQuantizationType[type_name]
+    writer.add_tensor(name, gguf.quantize(data, qtype), raw_dtype=qtype)
+
+
+def finish(writer) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, and close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def write_tiny_safetensors(path: Path, seed: int = 0) -> Path:

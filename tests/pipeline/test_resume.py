@@ -18,10 +18,9 @@ from lowbit.pipeline.calibrated import quantize_calibrated
 from lowbit.pipeline.resume import BlockState, Fingerprint, make_fingerprint
 from lowbit.recipe import Recipe, Rule
 from tests.arch_models import lowbit_model
+from tests.kill_points import Killed, die_after_block
 
 
-class Killed(BaseException):
-    """Stands for ``kill -9``: nothing catches it, and the pipeline does no clean-up of its own."""
 
 
 def _recipe(method: str = "smoothquant+gptq") -> Recipe:
@@ -42,17 +41,6 @@ def _run(folder, resume_: bool, family: str = "llama", recipe: Recipe | None = N
     state = BlockState.open(folder, _fingerprint(recipe, ids), resume_)
     model = lowbit_model(family)
     return quantize_calibrated(model, recipe, ids, batch_size=4, progress=False, state=state)
-
-
-def _kill_after(monkeypatch, block: int) -> None:
-    save = BlockState.save_block
-
-    def save_then_die(self, index, *args, **kwargs):
-        save(self, index, *args, **kwargs)
-        if index == block:
-            raise Killed
-
-    monkeypatch.setattr(BlockState, "save_block", save_then_die)
 
 
 def _assert_identical(a, b) -> None:
@@ -78,7 +66,7 @@ def test_resumed_after_each_block_equals_uninterrupted(tmp_path, monkeypatch, fa
     for block in (0, 1):
         folder = tmp_path / f"k{block}.calib-state"
         with monkeypatch.context() as m:
-            _kill_after(m, block)
+            die_after_block(m, block)
             with pytest.raises(Killed):
                 _run(folder, False, family)
         assert json.loads((folder / "state.json").read_text())["blocks_done"] == block + 1
@@ -89,7 +77,7 @@ def test_resumed_after_each_block_equals_uninterrupted(tmp_path, monkeypatch, fa
 def test_a_state_of_other_inputs_is_refused_with_what_differs(tmp_path, monkeypatch):
     folder = tmp_path / "s.calib-state"
     with monkeypatch.context() as m:
-        _kill_after(m, 0)
+        die_after_block(m, 0)
         with pytest.raises(Killed):
             _run(folder, False)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}

@@ -20,8 +20,9 @@ import torch
 
 from lowbit.cli import main
 from lowbit.hardware import cpu_has_bf16
-from lowbit.pipeline.resume import BlockState, state_folder
+from lowbit.pipeline.resume import state_folder
 from tests.arch_models import save_tiny
+from tests.kill_points import Killed, die_after_block
 
 CALIB = ["--calib-samples", "6", "--calib-length", "64", "--calib-batch", "4", "--no-eval", "--json", "--force"]
 METHODS = {"gptq": ["--method", "gptq"], "awq": ["--method", "awq"], "stream": ["--method", "gptq", "--stream"]}
@@ -30,8 +31,6 @@ REPORT = "report.json"
 TEXT = "calib.txt"  # timings and peak memory: the one file that differs between identical runs
 
 
-class Killed(BaseException):
-    """Stands for ``kill -9`` in-process: nothing catches it, so no clean-up runs."""
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +80,7 @@ def _quantize(model: Path, out: Path, method: str = "gptq", *extra: str) -> int:
 
 def _killed_run(monkeypatch, model: Path, out: Path, block: int, method: str = "gptq") -> Path:
     """Run until block ``block`` is saved, then die; returns the state folder left behind."""
-    save = BlockState.save_block
-
-    def save_then_die(self, index, *args, **kwargs):
-        save(self, index, *args, **kwargs)
-        if index == block:
-            raise Killed
-
-    monkeypatch.setattr(BlockState, "save_block", save_then_die)
+    die_after_block(monkeypatch, block)
     with pytest.raises(Killed):
         _quantize(model, out, method)
     monkeypatch.undo()
