@@ -10,9 +10,10 @@ Everything goes through ``lowbit bench llm`` (``lowbit.workflow_bench``): each f
 runs. GGUF files are written with ``--method rtn`` (llama.cpp's reference rounding: the type decides the
 kernels and so the speed; the method only the values). The ONNX checkpoint is ``lowbit quantize --scheme W4A16
 --group-size 128 --method rtn --format lowbit,onnx`` (its defaults otherwise: int8 embedding rows, which the
-tied head reads), written as MatMulNBits at accuracy level 0 (float compute, what lowbit evaluated) and, as a
-second row, level 4 (int8 activations inside the kernel). Run it alone on the machine: timings are shared
-with whatever else runs.
+tied head reads), written as MatMulNBits at the default accuracy level 4 (int8 activations inside the kernel)
+and, as a second row, at level 0 (float compute, exactly what lowbit evaluated). ``--types ''`` times the ONNX
+pair alone (its own section of the results file). Run it alone on the machine: timings are shared with
+whatever else runs.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def write_files(args: argparse.Namespace, work: Path) -> list[Path]:
         ckpt = work / "w4"
         run(["quantize", args.model, "--scheme", "W4A16", "--group-size", "128", "--method", "rtn", "--no-eval",
              "--format", "lowbit,onnx", "--out", str(ckpt), "--force", "--json"])
-        (work / "w4-a4-onnx").mkdir(exist_ok=True)
-        run(["export", "onnx", str(ckpt), "--accuracy-level", "4", "--out", str(work / "w4-a4-onnx" / "model.onnx"),
+        (work / "w4-a0-onnx").mkdir(exist_ok=True)
+        run(["export", "onnx", str(ckpt), "--accuracy-level", "0", "--out", str(work / "w4-a0-onnx" / "model.onnx"),
              "--force", "--json"])
-        files += [work / "w4-onnx", work / "w4-a4-onnx"]
+        files += [work / "w4-onnx", work / "w4-a0-onnx"]
     return files
 
 
@@ -81,7 +82,8 @@ def _versions() -> str:
 
 def markdown(result: dict, args: argparse.Namespace) -> tuple[str, str]:
     """(section title, section text) of the results file."""
-    title = f"## Speed and memory in llama.cpp and onnxruntime: {Path(args.model).name}"
+    engines = "llama.cpp and onnxruntime" if args.types else "onnxruntime"
+    title = f"## Speed and memory in {engines}: {Path(args.model).name}"
     o = result["options"]
     lines = [title, "",
              f"Command: `python {' '.join(sys.argv)}`. Each file timed in its own process (`lowbit bench llm`): "
@@ -91,8 +93,8 @@ def markdown(result: dict, args: argparse.Namespace) -> tuple[str, str]:
              f"in llama.cpp, the fp32 KV-cache graph in onnxruntime). GGUF files written with --method rtn; "
              "a type names the file's mix: tensors whose rows do not fill its blocks fall back as llama.cpp's "
              "do (lowbit.gguf.mixes). ONNX: `lowbit quantize --scheme W4A16 --group-size 128 --method rtn "
-             "--format lowbit,onnx` (MatMulNBits, accuracy level 0) and the same checkpoint with "
-             f"--accuracy-level 4. Machine: {_cpu()}, {_versions()}.", "",
+             "--format lowbit,onnx` (MatMulNBits at the default accuracy level 4) and the same checkpoint with "
+             f"--accuracy-level 0. Machine: {_cpu()}, {_versions()}.", "",
              "| file | engine | MB | prompt tok/s | decode tok/s | TTFT ms | peak RSS MB | size x | prompt x "
              "| decode x | TTFT x | memory x |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -27,5 +27,5 @@ def test_llm_speed_script_writes_its_results_section(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| file", "| ---"))]
     labels = [line.split(" | ")[0].removeprefix("| ") for line in rows]
     assert labels == ["original (F16 GGUF)", "tiny-Q8_0.gguf", "tiny-Q4_0.gguf", "original (fp32 ONNX)", "w4-onnx",
-                      "w4-a4-onnx"]
+                      "w4-a0-onnx"]
     assert "- w4-onnx: decode " in text and "x the fp32 graph's (target >= 1.5x: " in text

@@ -198,7 +198,7 @@ def test_compressed_tensors_and_onnx_exporters_write_a_qat_checkpoint(tmp_path, 
     _round_like_compressed_tensors(ours, out)  # it dequantizes in the scales' dtype (fp16)
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
-    summary = export_onnx_checkpoint(OnnxCheckpointOptions(str(out), str(tmp_path / "q.onnx")))
+    summary = export_onnx_checkpoint(OnnxCheckpointOptions(str(out), str(tmp_path / "q.onnx"), accuracy_level=0))
     assert list(summary["lowering"].values()).count("matmulnbits") == 14  # the blocks; the int8 head: QDQ
     lm = OnnxCausalLM(tmp_path / "q.onnx", threads=1, config={"session.qdq_matmulnbits_accuracy_level": "0"})
     got = lm.run(ids.numpy())[0]  # the whole window, empty past

@@ -29,15 +29,17 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
 class OnnxCheckpointOptions:
     """``mode``: int8 (integer kernels and MatMulNBits where they hold a module exactly, QDQ elsewhere),
     qdq (QDQ everywhere), float (the fake-quant weights as float constants). ``matmul_nbits=False`` writes
-    weight-only linears as blocked DequantizeLinear instead of MatMulNBits; ``accuracy_level`` 4 lets
-    MatMulNBits quantize activations to int8 inside the kernel (faster, not what lowbit evaluated). A causal
+    weight-only linears as blocked DequantizeLinear instead of MatMulNBits; ``accuracy_level`` 4 (default) lets
+    MatMulNBits quantize activations to int8 per block inside the kernel: 1.6x faster decode on the default
+    model's KV graph, +6% KLD, the CPU default of onnxruntime-genai's builder and the level onnxruntime picks
+    for its own DequantizeLinear + MatMul fusion; 0 computes in float with exactly the stored weights. A causal
     LM's graph has a KV cache (``onnx_kv``) unless ``kv_cache`` is off (then input_ids -> logits)."""
 
     checkpoint: str
     out: str | None = None
     mode: str = "int8"
     matmul_nbits: bool = True
-    accuracy_level: int = 0
+    accuracy_level: int = 4
     opset: int = 21
     kv_cache: bool = True
     force: bool = False
@@ -121,14 +123,15 @@ def export_onnx_checkpoint(opts: OnnxCheckpointOptions) -> dict[str, Any]:
     return _summary(out, out, opts, lowering, manifest, start, proto)
 
 
-def export_onnx_folder(checkpoint: str | Path, target: str | Path, force: bool = False) -> dict[str, Any]:
+def export_onnx_folder(checkpoint: str | Path, target: str | Path, force: bool = False,
+                       accuracy_level: int = OnnxCheckpointOptions.accuracy_level) -> dict[str, Any]:
     """``<target>/model.onnx`` plus the checkpoint's config and tokenizer files, written atomically."""
     import onnx
 
     from lowbit.io_utils import atomic_directory
 
     start = time.perf_counter()
-    opts = OnnxCheckpointOptions(str(checkpoint), force=force)
+    opts = OnnxCheckpointOptions(str(checkpoint), accuracy_level=accuracy_level, force=force)
     proto, lowering, manifest = checkpoint_onnx(opts)
     with atomic_directory(target, force=force) as tmp:
         onnx.save_model(proto, str(tmp / MODEL_FILE))

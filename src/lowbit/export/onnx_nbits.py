@@ -11,9 +11,9 @@ codes are offset by 2^(bits-1), so the kernel computes with exactly the weights 
 last, shorter group (K = 576 in groups of 128) is the kernel's padded last block: the padding holds the
 zero point, so it adds nothing.
 
-``accuracy_level`` is the kernel's compute type: 0 (default here) computes in float with exactly these
-weights; 4 quantizes the activations to int8 per block inside the kernel (faster, no longer what lowbit
-evaluated). onnxruntime's own fusion of DequantizeLinear + MatMul into MatMulNBits uses 4 unless the
+``accuracy_level`` is the kernel's compute type: 0 computes in float with exactly these weights; 4 (the
+exporters' default) quantizes the activations to int8 per block inside the kernel (faster, no longer exactly
+what lowbit evaluated). onnxruntime's own fusion of DequantizeLinear + MatMul into MatMulNBits uses 4 unless the
 session sets ``session.qdq_matmulnbits_accuracy_level``.
 """
 
