@@ -20,6 +20,8 @@ ANALYZE_EXAMPLES = """examples:
 COMPARE_EXAMPLES = """examples:
   lowbit compare --schemes W8A16,W4A16,W3A16 --formats gguf:Q4_K_M --presets edge,mobile --target-bpw 3.5
   lowbit compare --schemes W4A16,NVFP4 --methods rtn,gptq --out out/cmp    # rerun resumes finished rows
+  lowbit compare smollm2 path/to/hf_folder --schemes W8A16,W4A16 --ray       # 4 rows as Ray tasks, a page per model
+  lowbit compare --schemes W4A16,W3A16 --ray-address HEAD:6379  # a Ray cluster; paths on a shared filesystem
 """
 
 
@@ -63,7 +65,9 @@ def add_analysis_parsers(sub: Any) -> None:
 
     c = sub.add_parser("compare", help="every option on the same model and tokens: one HTML page with plots",
                        epilog=COMPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("model", nargs="?", help="HF folder, .gguf file, or built-in 'smollm2' (default)")
+    c.add_argument("models", nargs="*", metavar="MODEL",
+                   help="HF folder, .gguf file, or built-in 'smollm2' (default); several models make a batch: every "
+                        "(model, row) is one task, and each model gets its own page under --out/<model>")
     c.add_argument("--schemes", help="comma-separated schemes, e.g. W8A16,W4A16,NVFP4")
     c.add_argument("--methods", default="rtn", help="comma-separated methods for every scheme (default rtn)")
     c.add_argument("--formats", help="comma-separated GGUF rows, e.g. gguf:Q4_K_M,gguf:Q3_K_M (quantized by the first "
@@ -80,7 +84,12 @@ def add_analysis_parsers(sub: Any) -> None:
     c.add_argument("--window-length", type=int, default=512)
     c.add_argument("--calib-text", help="calibration text for calibrated methods and the sensitivity analysis")
     c.add_argument("--no-sensitivity", action="store_true", help="leave the per-layer sensitivity section out")
-    c.add_argument("--out", help="output folder (default out/<model>-compare)")
+    c.add_argument("--out", help="output folder (default out/<model>-compare; with several models, one "
+                   "subfolder per model)")
+    c.add_argument("--ray", action="store_true", help="measure the rows as Ray tasks, side by side, on a local Ray "
+                   "instance (pip install 'lowbit[ray]'); a task whose worker dies is rerun, finished rows are kept")
+    c.add_argument("--ray-address", metavar="ADDR", help="run the Ray tasks on the cluster at ADDR (HOST:6379 or "
+                   "ray://HOST:10001; implies --ray); every node needs lowbit and the model and --out paths")
     c.set_defaults(handler=cmd_compare)
 
     b = sub.add_parser("bench", help="measured tables: 'llm' = speed and memory of quantized files in their engines "
@@ -137,8 +146,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from lowbit.analysis.compare import CompareOptions, build_rows, run_compare
-    from lowbit.workflow import CalibrationOptions, EvalOptions, QuantizeOptions
+    from lowbit.analysis.compare import CompareOptions, build_rows, run_compare_batch
+    from lowbit.analysis.sweep import SweepOptions
 
     gguf = []
     for item in _split(args.formats):
@@ -152,16 +161,41 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise LowbitError(f"--target-bpw takes numbers, e.g. 3.5,4.25; got {args.target_bpw!r}") from None
     rows = build_rows(_split(args.schemes), _split(args.methods) or ("rtn",), tuple(gguf), _split(args.presets), budgets,
                       args.group_size)
-    base = QuantizeOptions(model=args.model, group_size=args.group_size, symmetric=args.symmetric,
-                           eval=EvalOptions(text=args.text, windows=args.windows, length=args.window_length),
-                           calibration=CalibrationOptions(text=args.calib_text), candidates=_split(args.candidates))
-    model = Path(args.model).stem.lower() if args.model else "smollm2"
-    out = Path(args.out) if args.out else Path("out") / f"{model}-compare"
-    result, html, md = run_compare(CompareOptions(base=base, rows=rows, out=out, sensitivity=not args.no_sensitivity))
+    models = args.models or [None]
+    sweep = SweepOptions(ray=args.ray or args.ray_address is not None, address=args.ray_address)
+    if sweep.ray:
+        from lowbit.analysis.sweep import import_ray
+
+        import_ray()  # a missing Ray is said before any work
+    batch = tuple(CompareOptions(base=_compare_base(args, model), rows=rows, out=out,
+                                 sensitivity=not args.no_sensitivity)
+                  for model, out in zip(models, _compare_outs(models, args.out)))
     from lowbit.analysis.report import print_compare
 
-    print_compare(result)
-    print(f"wrote {html} and {md}")
+    for result, html, md in run_compare_batch(batch, sweep=sweep):
+        print_compare(result)
+        print(f"wrote {html} and {md}")
+
+
+def _compare_base(args: argparse.Namespace, model: str | None) -> Any:
+    """The quantize options every row of one model's compare shares."""
+    from lowbit.workflow import CalibrationOptions, EvalOptions, QuantizeOptions
+
+    return QuantizeOptions(model=model, group_size=args.group_size, symmetric=args.symmetric,
+                           eval=EvalOptions(text=args.text, windows=args.windows, length=args.window_length),
+                           calibration=CalibrationOptions(text=args.calib_text), candidates=_split(args.candidates))
+
+
+def _compare_outs(models: list[str | None], out: str | None) -> list[Path]:
+    """One output folder per model: --out itself for one model, --out/<model> for several; out/<model>-compare
+    without --out."""
+    names = [Path(m).stem.lower() if m else "smollm2" for m in models]
+    if len(set(names)) != len(names):
+        raise LowbitError(f"two models of the batch are both named {next(n for n in names if names.count(n) > 1)!r}; "
+                          "compare them in separate runs with their own --out")
+    if out and len(models) == 1:
+        return [Path(out)]
+    return [Path(out) / name if out else Path("out") / f"{name}-compare" for name in names]
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

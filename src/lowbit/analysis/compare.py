@@ -4,26 +4,31 @@ one HTML page and Markdown (``lowbit.analysis.page``).
 Rows: schemes x methods (lowbit folders), GGUF types (measured in llama.cpp), presets and budgeted mixes
 (``--target-bpw``). Each finished row is saved as JSON under ``<out>/rows/`` with a key of everything it depends
 on, so an interrupted compare resumes where it stopped and a changed option recomputes only its rows.
+
+The rows are a sweep (``lowbit.analysis.sweep``): measured in this process, or as Ray tasks with ``--ray``. Several
+models make one sweep of every (model, row) pair, then one page per model. Rows are the same either way except
+``TIMING_FIELDS`` (wall-clock seconds, which differ between any two runs).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from lowbit.analysis.sweep import RowTask, SweepOptions, run_sweep
 from lowbit.errors import LowbitError
 from lowbit.io_utils import atomic_file
 
 ROW_VERSION = 1
 GGUF_METHODS = ("rtn", "imatrix", "gptq")
+TIMING_FIELDS = ("seconds",)  # the row fields that differ between two runs of the same row
 
 
 @dataclass(frozen=True)
@@ -79,35 +84,48 @@ def _row_key(row: RowSpec, base: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_compare(opts: CompareOptions, progress: bool = True) -> tuple[dict[str, Any], Path, Path]:
+def row_tasks(opts: CompareOptions) -> tuple[RowTask, ...]:
+    """One sweep task per row. The tasks carry absolute paths (model folder or file, output folder), so a worker
+    whose working directory differs measures the same files; the keys are made from the options as given."""
+    out = opts.out.absolute()
+    model = opts.base.model
+    portable = replace(opts, out=out, base=replace(opts.base, model=str(Path(model).absolute()))
+                       if model and Path(model).exists() else opts.base)
+    label = Path(model).stem.lower() if model else "smollm2"
+    return tuple(RowTask(f"{label}: {row.name}", out / "rows" / f"{row.slug}.json", _row_key(row, opts.base),
+                         partial(_measure_row, row, portable)) for row in opts.rows)
+
+
+def run_compare(opts: CompareOptions, progress: bool = True,
+                sweep: SweepOptions = SweepOptions()) -> tuple[dict[str, Any], Path, Path]:
     """Measure every row (reusing finished ones), then write compare.json, compare.html and compare.md."""
+    return run_compare_batch((opts,), progress, sweep)[0]
+
+
+def run_compare_batch(batch: tuple[CompareOptions, ...], progress: bool = True,
+                      sweep: SweepOptions = SweepOptions()) -> list[tuple[dict[str, Any], Path, Path]]:
+    """Several compares (typically one per model) as one sweep of all their rows, then each one's page."""
+    outs = [o.out.absolute() for o in batch]
+    if len(set(outs)) != len(outs):
+        raise LowbitError("two compares of the batch write to the same folder; give each model its own --out")
+    plans = [row_tasks(o) for o in batch]
+    rows = run_sweep([t for plan in plans for t in plan], sweep, progress)
+    done, start = [], 0
+    for opts, plan in zip(batch, plans):
+        done.append(_write_compare(opts, rows[start:start + len(plan)], progress))
+        start += len(plan)
+    return done
+
+
+def _write_compare(opts: CompareOptions, rows: list[dict[str, Any]],
+                   progress: bool) -> tuple[dict[str, Any], Path, Path]:
     from lowbit.analysis.page import render_compare
 
-    rows_dir = opts.out / "rows"
-    rows_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for row in tqdm(opts.rows, desc="compare", disable=not progress):
-        key = _row_key(row, opts.base)
-        path = rows_dir / f"{row.slug}.json"
-        cached = _read_row(path, key)
-        if cached is None:
-            cached = {"key": key, "row": _measure_row(row, opts, progress)}
-            with atomic_file(path, force=True) as tmp:
-                Path(tmp).write_text(json.dumps(cached, indent=1))
-        results.append(cached["row"])
-    result = _result(opts, results, progress)
+    result = _result(opts, rows, progress)
     with atomic_file(opts.out / "compare.json", force=True) as tmp:
         Path(tmp).write_text(json.dumps({k: v for k, v in result.items() if k != "layers"}, indent=1))
     html, md = render_compare(result, opts.out)
     return result, html, md
-
-
-def _read_row(path: Path, key: str) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if data.get("key") == key else None
 
 
 def _measure_row(row: RowSpec, opts: CompareOptions, progress: bool) -> dict[str, Any]:
