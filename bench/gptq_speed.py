@@ -1,13 +1,15 @@
 """GPTQ speed, lowbit vs GPTQModel, on the same float SmolLM2-135M and the same calibration tokens.
 
     .venv/bin/python bench/gptq_speed.py prepare --dir /tmp/gptq-speed [--samples 64]
-    GPTQMODEL_CPU_WORKERS=2 /path/to/gptqmodel-venv/bin/python bench/gptqmodel_run.py /tmp/gptq-speed
-    .venv/bin/python bench/gptq_speed.py lowbit --dir /tmp/gptq-speed
+    GPTQMODEL_CPU_WORKERS=2 /path/to/gptqmodel-venv/bin/python bench/gptqmodel_run.py /tmp/gptq-speed [auto|fp32] [act-order]
+    .venv/bin/python bench/gptq_speed.py lowbit --dir /tmp/gptq-speed [--dtype auto|fp32|bf16] [--act-order]
     .venv/bin/python bench/gptq_speed.py report --dir /tmp/gptq-speed      # writes bench/RESULTS.md
 
 `prepare` writes the float model as a Hugging Face folder (built fresh from the GGUF-loaded weights) and
 the calibration windows (the same ones `lowbit quantize` draws: after the 8 x 512 evaluation tokens).
-Both runs quantize W4 g128 (symmetric, no act-order) and time only the quantization.
+Both runs quantize W4 g128 symmetric, with or without activation order (GPTQModel's desc_act, lowbit's
+act_order: lowbit's default since the defaults table, bench/gptq_defaults.py) and time only the quantization.
+``--dtype auto`` is what ``lowbit quantize`` does: bf16 passes where the CPU has native bf16, else fp32.
 """
 
 from __future__ import annotations
@@ -35,44 +37,53 @@ def prepare(d: Path, samples: int, length: int) -> None:
     save_file({"input_ids": ids.contiguous()}, str(d / "calibration.safetensors"))
 
 
-def run_lowbit(d: Path, dtype: str) -> None:
+def run_lowbit(d: Path, dtype: str, act_order: bool) -> None:
     from lowbit.model.load import load_model
     from lowbit.pipeline.calibrated import quantize_calibrated
-    from lowbit.workflow import QuantizeOptions, build_recipe
+    from lowbit.workflow import QuantizeOptions, build_recipe, cpu_has_bf16
 
+    if dtype == "auto":
+        dtype = "bf16" if cpu_has_bf16() else "fp32"
     ids = load_file(str(d / "calibration.safetensors"))["input_ids"]
     loaded = load_model(str(d / "model"))
-    recipe = build_recipe(QuantizeOptions(scheme="W4A16", group_size=128, symmetric=True, method="gptq"))
+    recipe = build_recipe(QuantizeOptions(scheme="W4A16", group_size=128, symmetric=True, method="gptq",
+                                          method_options=(("act_order", act_order),)))
     t0 = time.perf_counter()
     qm = quantize_calibrated(loaded.model, recipe, ids, progress=True,
                              compute_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     seconds = time.perf_counter() - t0
-    result = {"tool": f"lowbit gptq ({dtype} calibration passes)", "seconds": seconds, "samples": int(ids.shape[0]),
-              "length": int(ids.shape[1]), "tensors": len(qm.qtensors), "peak_rss_mb": qm.peak_rss_mb}
-    (d / f"lowbit-{dtype}.json").write_text(json.dumps(result, indent=2))
+    order = "act-order" if act_order else "no act-order"
+    search = recipe.rules[-1].spec.scale_search
+    result = {"tool": f"lowbit gptq ({dtype} calibration passes, {order}, {search} scales)", "seconds": seconds,
+              "samples": int(ids.shape[0]), "length": int(ids.shape[1]), "tensors": len(qm.qtensors),
+              "peak_rss_mb": qm.peak_rss_mb}
+    (d / f"lowbit-{dtype}-{'act' if act_order else 'plain'}.json").write_text(json.dumps(result, indent=2))
     print(result)
 
 
 def report(d: Path, out: Path, note: str = "") -> None:
     results = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
-    peers = [r for r in results if r["tool"].startswith("GPTQModel")]
-    peer = next((r for r in peers if "fp32" in r["tool"]), peers[0] if peers else None)
     title = "## GPTQ speed: lowbit vs GPTQModel (W4 g128, SmolLM2-135M, CPU)"
     lines = [title, "", "Commands: see `bench/gptq_speed.py` (prepare, gptqmodel_run.py, lowbit, report). Same float "
              "weights, same calibration token windows; seconds of quantization only, measured one after the other on "
-             f"the 2-core machine ({_cpu_name()}). GPTQModel picks bf16 on CPU unless pinned; on a CPU without native "
-             "bf16 (no AVX512-BF16/AMX) bf16 products are several times slower, so the like-for-like rows are the "
-             "ones with the same dtype. The speed-up column is against "
-             f"{peer['tool'] if peer else 'GPTQModel'}.", "",
+             f"the 2-core machine ({_cpu_name()}). GPTQModel picks bf16 on CPU unless pinned (fp32). Speed-up: "
+             "against the fastest GPTQModel run with the same activation-order setting.", "",
              "| tool | samples x length | seconds | speed-up |", "| --- | --- | ---: | ---: |"]
     for r in results:
-        ratio = f"{peer['seconds'] / r['seconds']:.2f}x" if peer and r is not peer else "-"
+        order = _order(r)
+        peers = [p for p in results if p["tool"].startswith("GPTQModel") and _order(p) == order]
+        peer = min(peers, key=lambda p: p["seconds"]) if peers else None
+        ratio = f"{peer['seconds'] / r['seconds']:.2f}x" if peer and not r["tool"].startswith("GPTQModel") else "-"
         lines.append(f"| {r['tool']} | {r['samples']} x {r['length']} | {r['seconds']:.0f} | {ratio} |")
     if note:
         lines += ["", note]
     text = "\n".join(lines) + "\n"
     print(text)
     write_section(out, title, text)
+
+
+def _order(result: dict) -> str:
+    return "no act-order" if "no act-order" in result["tool"] else "act-order"
 
 
 def _cpu_name() -> str:
@@ -88,7 +99,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/gptq-speed"))
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--act-order", action="store_true", help="lowbit: GPTQ with activation order")
     parser.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"))
     parser.add_argument("--note", default="", help="report: a line on the conditions of the runs")
     args = parser.parse_args()
@@ -96,7 +108,7 @@ def main() -> None:
     if args.step == "prepare":
         prepare(args.dir, args.samples, args.length)
     elif args.step == "lowbit":
-        run_lowbit(args.dir, args.dtype)
+        run_lowbit(args.dir, args.dtype, args.act_order)
     else:
         report(args.dir, args.out, args.note)
 

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="unsigned codes with a zero point")
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="signed codes, no zero point")
-    q.add_argument("--search", choices=("minmax", "mse"), help="scale search (default minmax)")
+    q.add_argument("--search", choices=("minmax", "mse"), help="scale search (default minmax; mse for gptq)")
     q.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="dtype of tensors kept in float")
     q.add_argument("--act", metavar="SPEC", help="activation quantization, e.g. int8:token:dynamic, "
                    "int8:tensor:static:kl (observers: minmax, percentile, mse, kl)")
@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-batch", type=int, default=8, help="samples per forward pass (default 8)")
     c.add_argument("--calib-dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="precision of the calibration forward passes (auto: bf16 where the CPU has bf16 units)")
-    c.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by descending Hessian diagonal")
+    c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: visit columns by descending Hessian diagonal (default: on)")
     c.add_argument("--static-groups", action="store_true", help="GPTQ: group scales from the original weights")
     c.add_argument("--damp", type=float, help="GPTQ: dampening as a fraction of mean diag(H) (default 0.01)")
     c.add_argument("--awq-grid", type=int, help="AWQ: exponents tried in [0, 1) (default 20)")
@@ -214,7 +215,7 @@ def _quantize_lowbit(args: argparse.Namespace) -> Path:
     samples = 128 if args.calib_samples is None else args.calib_samples
     if samples <= 0 or args.calib_length < 2 or args.calib_batch <= 0:
         raise LowbitError("--calib-samples and --calib-batch must be positive and --calib-length at least 2")
-    method_options = {"act_order": args.act_order or None, "static_groups": args.static_groups or None,
+    method_options = {"act_order": args.act_order, "static_groups": args.static_groups or None,
                       "damp": args.damp, "grid": args.awq_grid, "alpha": args.alpha}
     opts = QuantizeOptions(
         model=args.model, scheme=args.scheme, method=args.method or "rtn", group_size=args.group_size,

@@ -30,7 +30,7 @@ from lowbit.model.embeddings import EmbeddingPlan, HeadOptions, plan_embeddings
 from lowbit.model.finite import check_forward, check_parameters, check_quantized, probe_inputs
 from lowbit.model.checkpoint import (DEFAULT_SHARD_BYTES, WEIGHTS_FILE, load_checkpoint, read_manifest, weights_bytes,
                                      write_checkpoint)
-from lowbit.methods import needs_calibration
+from lowbit.methods import default_scale_search, needs_calibration
 from lowbit.model.load import CAUSAL_LM, LoadedModel, load_model, resolve_source
 from lowbit.pipeline.calibrated import peak_rss_mb, quantize_calibrated
 from lowbit.pipeline.resume import BlockState, make_fingerprint, source_identity, state_folder
@@ -122,6 +122,9 @@ def build_recipe(opts: QuantizeOptions) -> Recipe:
                       {**recipe.options, **dict(opts.method_options)})
     scheme = get_scheme(opts.scheme)
     spec = weight_spec(scheme, opts.group_size, opts.symmetric, opts.scale_search)
+    search = default_scale_search(opts.method)
+    if opts.scale_search is None and search and spec is not None and spec.format.startswith("int"):
+        spec = spec.with_options(scale_search=search)  # the method's measured-best default for integer grids
     rules = tuple(parse_rule(r) for r in opts.rules)
     act = opts.activations or scheme.activations
     if spec is not None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.observers.input_stats import InputStats, rescale_inputs
+import pytest
+
+from lowbit.observers.input_stats import GRAM_CHUNK, InputStats, add_gram, rescale_inputs
 
 
 def test_batches_accumulate_like_one_pass():
@@ -32,3 +34,24 @@ def test_rescale_matches_stats_of_scaled_inputs():
     assert torch.allclose(a.hessian(), b.hessian(), rtol=1e-4, atol=1e-6)
     assert torch.allclose(a.mean_abs(), b.mean_abs(), rtol=1e-5)
     assert torch.allclose(a.abs_max, b.abs_max, rtol=1e-6)
+
+
+@pytest.mark.parametrize("features", [5, GRAM_CHUNK, GRAM_CHUNK + 1, 2 * GRAM_CHUNK + 77])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_from_the_upper_blocks_is_the_full_product(features, dtype):
+    torch.manual_seed(features)
+    x = (torch.randn(300, features) * torch.linspace(0.1, 4, features)).to(dtype)
+    acc = torch.ones(features, features)
+    add_gram(acc, x)
+    full = 1 + (x.T @ x).float()
+    assert torch.equal(acc, acc.T)
+    assert torch.allclose(acc, full, rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_products_from_bf16_inputs_match_cast_inputs():
+    torch.manual_seed(2)
+    x = torch.randn(64, 40)
+    a, b = InputStats(40, product_dtype=torch.bfloat16), InputStats(40, product_dtype=torch.bfloat16)
+    a.update(x.bfloat16())
+    b.update(x.bfloat16().float())
+    assert torch.equal(a.xtx, b.xtx) and torch.equal(a.abs_sum, b.abs_sum)

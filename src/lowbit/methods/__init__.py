@@ -20,6 +20,17 @@ METHODS: dict[str, Method] = {"rtn": rtn, "hqq": hqq, "gptq": gptq}
 TRANSFORMS = ("awq", "smoothquant")
 CALIBRATED = ("gptq",)
 
+# What a quantizer does when the user names it and nothing more: the configuration that measured best on
+# held-out text (bench/gptq_defaults.py, bench/RESULTS.md), as llm-compressor and GPTQModel also default to
+# activation order. Explicit options (--no-act-order, --search minmax, a recipe's options) override these.
+GPTQ_DEFAULT_OPTIONS = {"act_order": True}
+DEFAULT_SCALE_SEARCH = {"gptq": "mse"}  # quantizer -> scale search of its static group scales
+
+
+def default_scale_search(method: str) -> str | None:
+    """The scale search a method uses unless told otherwise (None: the spec's own, min-max)."""
+    return DEFAULT_SCALE_SEARCH.get(split_method(method)[1])
+
 
 def get_method(name: str) -> Method:
     """The quantizer called ``name``, or a one-line error listing the available ones."""

@@ -27,7 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.qtensor import QTensor, split_rows
 from lowbit.formats.spec import QuantSpec
 from lowbit.formats.quantize import check_finite, dequantize
-from lowbit.methods import get_method, split_method
+from lowbit.methods import GPTQ_DEFAULT_OPTIONS, get_method, split_method
 from lowbit.methods.gptq import GPTQOptions
 from lowbit.model.apply import FLOAT_TORCH_DTYPES, QuantizedModel, cast_float_tensors, plan
 from lowbit.model.act_quant import InputQuantizer, attach_input_quantizer, input_quantizers
@@ -35,6 +35,7 @@ from lowbit.model.finite import first_nonfinite_module, nonfinite_count
 from lowbit.model.streaming import StreamingSource
 from lowbit.observers.input_stats import InputStats, rescale_inputs
 from lowbit.observers.ranges import get_range_observer
+from lowbit.pipeline.compute import as_float32, computing_in
 from lowbit.pipeline.layers import BlockInput, capture_inputs, find_blocks, run_block
 from lowbit.pipeline.observe import observe_block
 from lowbit.pipeline.resume import BlockState, SavedBlock
@@ -65,8 +66,9 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
 
     With a streaming ``source`` (``model`` is then ``source.model``), each block's float weights are read
     just before it is processed and released right after, and its float parameters are kept in the result.
-    ``compute_dtype=torch.bfloat16`` runs the calibration forward passes and Hessian products under bf16
-    autocast (about 2-3x faster on CPUs with bf16 units); statistics are still accumulated in fp32.
+    ``compute_dtype=torch.bfloat16`` runs the calibration forward passes and Hessian products in bf16
+    (``lowbit.pipeline.compute``; several times faster on CPUs with bf16 units); statistics are still
+    accumulated in fp32, and the weights the method quantizes stay fp32.
     With a ``state`` (``lowbit.pipeline.resume``), every finished block is saved there, and the blocks it
     already holds are read back instead of computed: the result is bit for bit that of an uninterrupted run.
     With a ``sink`` (streaming only), every finished block, read back or computed, is handed to it in order and
@@ -265,12 +267,14 @@ def _observe(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[Block
     (3.40e38) can round to inf in bf16 (its largest finite value is 3.39e38); the fp32 redo is exact there.
     Statistics that are not finite even in fp32 (activations beyond fp32's range) are an error.
     """
-    with _autocast(compute_dtype):
-        stats, _ = observe_block(block, targets, inputs, want_hessian, sample_rows, hessian_dtype=compute_dtype)
+    with computing_in(block, compute_dtype) as cast:
+        stats, _ = observe_block(block, targets, cast(inputs), want_hessian, sample_rows, hessian_dtype=compute_dtype,
+                                 outputs=False)
     bad = [name for name, s in stats.items() if not s.finite()]
     if bad and compute_dtype != torch.float32:
         _recompute_in_fp32(index, result, f"input statistics of {bad[0]}")
-        stats, _ = observe_block(block, targets, inputs, want_hessian, sample_rows, hessian_dtype=torch.float32)
+        stats, _ = observe_block(block, targets, inputs, want_hessian, sample_rows, hessian_dtype=torch.float32,
+                                 outputs=False)
         bad = [name for name, s in stats.items() if not s.finite()]
     if bad:
         raise LowbitError(f"block {index}: the input statistics of {bad[0]} are NaN/Inf even in fp32 (the "
@@ -284,8 +288,8 @@ def _propagate(block: nn.Module, inputs: list[BlockInput], compute_dtype: torch.
 
     Outputs that are NaN/Inf in fp32 too are an error naming the first module inside the block that produced them.
     """
-    with _autocast(compute_dtype):
-        outputs = run_block(block, inputs)
+    with computing_in(block, compute_dtype) as cast:
+        outputs = as_float32(run_block(block, cast(inputs)), inputs)
     if compute_dtype != torch.float32 and not _finite_outputs(outputs):
         _recompute_in_fp32(index, result, "outputs")
         outputs = run_block(block, inputs)
@@ -337,11 +341,6 @@ def _attach_activation_quantizer(module: nn.Linear, spec: ActivationSpec | None,
     attach_input_quantizer(module, spec, scale)
 
 
-def _autocast(dtype: torch.dtype):
-    """bf16 autocast for the calibration passes, or nothing for fp32."""
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
-
-
 def _method_inputs(quantizer: str, transforms: tuple[str, ...], stats: InputStats | None, recipe: Recipe,
                    spec: QuantSpec) -> tuple[QuantSpec, dict[str, Any]]:
     """The spec to use and the statistics the quantizer takes.
@@ -355,7 +354,8 @@ def _method_inputs(quantizer: str, transforms: tuple[str, ...], stats: InputStat
         opts = recipe.options
         return spec, {"hessian": stats.hessian(), "options": GPTQOptions(
             damp=float(opts.get("damp", 0.01)), block_size=int(opts.get("block_size", 128)),
-            act_order=bool(opts.get("act_order", False)), static_groups=bool(opts.get("static_groups", False)))}
+            act_order=bool(opts.get("act_order", GPTQ_DEFAULT_OPTIONS["act_order"])),
+            static_groups=bool(opts.get("static_groups", False)))}
     clip = "awq" in transforms and recipe.options.get("clip", True) and stats.xtx is not None
     if clip and spec.granularity in ("channel", "group"):
         try:

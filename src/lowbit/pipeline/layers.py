@@ -9,7 +9,7 @@ block that stops the forward pass right there, so the embeddings run once and no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor, 
     return captured
 
 
-def run_block(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
+def run_block(block: nn.Module, inputs: Iterable[BlockInput]) -> list[BlockInput]:
     """The block's outputs for every batch, as inputs of the next block."""
     outputs = []
     with torch.no_grad():

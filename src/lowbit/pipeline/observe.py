@@ -6,6 +6,8 @@ so each distinct Hessian is computed once. Hooks are removed even when the pass 
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -13,17 +15,25 @@ from lowbit.observers.input_stats import InputStats
 from lowbit.pipeline.layers import BlockInput, run_block
 
 
-def observe_block(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[BlockInput],
-                  want_hessian: bool = True, sample_rows: int = 0,
-                  hessian_dtype: torch.dtype = torch.float32) -> tuple[dict[str, InputStats], list[BlockInput]]:
-    """Input statistics per target name, and the block's float outputs.
+class _Observed(Exception):
+    """Raised by the last hook of a batch: everything after the last target's input is not needed."""
 
-    ``sample_rows`` > 0 keeps that many random input rows per batch (for static activation ranges).
+
+def observe_block(block: nn.Module, targets: dict[str, nn.Linear], inputs: Iterable[BlockInput],
+                  want_hessian: bool = True, sample_rows: int = 0, hessian_dtype: torch.dtype = torch.float32,
+                  outputs: bool = True) -> tuple[dict[str, InputStats], list[BlockInput]]:
+    """Input statistics per target name, and the block's float outputs (an empty list with ``outputs=False``).
+
+    ``sample_rows`` > 0 keeps that many random input rows per batch (for static activation ranges). Without
+    ``outputs``, every batch after the first stops as soon as the hooks have fired as often as they did in the
+    first (the last target's input is in): the rest of the block, typically the MLP's down projection and the
+    residual add, is not computed.
     """
     stats: dict[str, InputStats] = {}
     by_input: dict[int, InputStats] = {}
     alive: list = []  # inputs of this batch, kept alive so that id() identifies the same tensor object
     seen_in_batch: set[int] = set()
+    calls = [0, 0]  # hook calls in this batch, in the first batch (0 until it is done)
 
     def make_hook(name: str):
         def hook(module, args):
@@ -35,18 +45,27 @@ def observe_block(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[
             if id(acc) not in seen_in_batch:  # a shared accumulator takes each batch once
                 seen_in_batch.add(id(acc))
                 acc.update(x)
+            calls[0] += 1
+            if calls[0] == calls[1]:
+                raise _Observed
 
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in targets.items()]
     try:
-        outputs = []
+        results = []
         for batch in inputs:
             seen_in_batch.clear()
-            outputs.extend(run_block(block, [batch]))
+            calls[0] = 0
+            try:
+                results.extend(run_block(block, [batch]))
+            except _Observed:
+                pass
+            if not outputs and not calls[1]:
+                calls[1] = calls[0]
             alive.clear()
             by_input.clear()
     finally:
         for h in handles:
             h.remove()
-    return stats, outputs
+    return stats, results if outputs else []
