@@ -2,8 +2,10 @@
 
 The job: quantize the float model with a lowbit recipe (its fake-quant twin is what we evaluate), trace
 that twin to ONNX with mean pooling inside the graph (``onnx_trace``), find each quantized module's nodes
-(``onnx_sites``), rewrite them (``onnx_qdq`` / ``onnx_int8``), store inferred shapes, check the model with
-onnx.checker, and write it atomically. Modes:
+(``onnx_sites``), rewrite them (``onnx_qdq`` / ``onnx_int8``), write the residual Adds before each
+LayerNormalization as Sum (``onnx_lower.residual_sums``: same sums, but onnxruntime keeps its fast
+LayerNormalization instead of fusing its slow SkipLayerNormalization), store inferred shapes, check the
+model with onnx.checker, and write it atomically. Modes:
 
 - ``float``: the traced float graph, nothing quantized.
 - ``qdq``: QuantizeLinear/DequantizeLinear pairs around float MatMuls (any integer spec, groups included).
@@ -44,7 +46,10 @@ class OnnxExportOptions:
     ``int7:channel`` and per-tensor int8); ``token_linears`` linears (the most sensitive, measured) get
     per-token activation scales; ``act_rules`` (``PATTERN=ACTSPEC``) set input specs by name; ``keep``
     patterns stay in float. Calibration (GPTQ, sensitivity) uses the default text's paragraphs after the
-    first ``EVAL_PARAGRAPHS`` (the evaluation sentences), or ``calib_text``.
+    first ``EVAL_PARAGRAPHS`` (the evaluation sentences), or ``calib_text``. ``fuse``: integer linears that
+    read the same input (q, k, v) run as one product and a Split (the same numbers; slower for batches, see
+    ``onnx_int8``). ``residual_sums``: the residual Adds before LayerNormalization are written as Sum (the
+    same sums), which keeps onnxruntime from fusing them into its slower SkipLayerNormalization (``onnx_lower``).
     """
 
     model: str | None = None
@@ -66,6 +71,8 @@ class OnnxExportOptions:
     sensitivity_sentences: int = 64
     opset: int = 21
     kv_cache: bool = True
+    fuse: bool = False
+    residual_sums: bool = True
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -182,7 +189,6 @@ def build_onnx(loaded: LoadedModel, opts: OnnxExportOptions, progress: bool = Fa
 
     The model is quantized in place (it becomes its fake-quant twin) unless the mode is ``float``.
     """
-    from lowbit.export.onnx_graph import with_inferred_shapes
     from lowbit.export.onnx_lower import lower_quantized
     from lowbit.export.onnx_trace import trace_encoder
     from lowbit.model.apply import quantize_model
@@ -193,7 +199,7 @@ def build_onnx(loaded: LoadedModel, opts: OnnxExportOptions, progress: bool = Fa
     if loaded.kind != ENCODER:
         raise LowbitError(f"ONNX export handles encoders and causal LMs; {loaded.source} is a {loaded.kind}")
     if opts.mode == "float":
-        return with_inferred_shapes(trace_encoder(loaded.model, loaded.tokenizer, opts.opset)), None, {}
+        return _finished(trace_encoder(loaded.model, loaded.tokenizer, opts.opset), opts), None, {}
     needs_calibration = opts.method == "gptq" or (opts.token_linears and not opts.recipe_file)
     sentences = calibration_sentences(opts) if needs_calibration else []
     recipe = onnx_recipe(opts, choose_token_linears(loaded, opts, sentences) if sentences else ())
@@ -205,8 +211,18 @@ def build_onnx(loaded: LoadedModel, opts: OnnxExportOptions, progress: bool = Fa
     else:
         quantized = quantize_model(loaded.model, recipe, progress=progress)
     proto = trace_encoder(quantized.model, loaded.tokenizer, opts.opset)
-    lowering = lower_quantized(proto, quantized, integer=opts.mode == "int8")
-    return with_inferred_shapes(proto), quantized, lowering
+    lowering = lower_quantized(proto, quantized, integer=opts.mode == "int8", fuse=opts.fuse)
+    return _finished(proto, opts), quantized, lowering
+
+
+def _finished(proto, opts: OnnxExportOptions):
+    """An encoder graph with its residual Adds as Sum (if ``opts.residual_sums``) and its shapes inferred."""
+    from lowbit.export.onnx_graph import with_inferred_shapes
+    from lowbit.export.onnx_lower import residual_sums
+
+    if opts.residual_sums:
+        residual_sums(proto.graph)
+    return with_inferred_shapes(proto)
 
 
 def causal_lm_float_onnx(loaded: LoadedModel, opts: OnnxExportOptions):

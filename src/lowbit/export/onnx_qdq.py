@@ -114,29 +114,51 @@ def qdq_embedding(edit: GraphEdit, site: EmbeddingSite, weight: OnnxWeight) -> N
     """Replace the embedding's Gather by DequantizeLinear of the gathered rows' codes.
 
     Gathering the codes first and dequantizing only the looked-up rows is exact (each row's scales are
-    gathered with it, as blocks of the row along the last axis) and avoids dequantizing the whole table
-    on every run, which onnxruntime does not fold away.
+    gathered with it) and avoids dequantizing the whole table on every run, which onnxruntime does not fold
+    away. With one scale per row the looked-up rows are dequantized as a (tokens, dim) matrix along axis 0:
+    onnxruntime's per-axis DequantizeLinear gives the same numbers 3x faster than its blocked one with a block
+    per row (32 x 128 lookups of 384 values: 1.0 against 3.1 ms, best of 100). Groups within rows are blocks
+    along the last axis.
     """
     hint = site.module
     edit.replace(site.gather)
     signed = weight.data_type in (TensorProto.INT4, TensorProto.INT8)
     container = np.int8 if signed else np.uint8  # gathered codes use 8-bit containers (Gather has no int4)
     codes = edit.const(f"{hint}.codes", weight.codes.astype(container))
-    row_codes = edit.node("Gather", [codes, site.indices], hint, axis=0)
     zero = None if weight.zero_point is None else weight.zero_point.astype(container)
     if weight.scale.ndim == 0:
-        inputs = [row_codes, edit.const(f"{hint}.scale", weight.scale)]
+        inputs = [edit.node("Gather", [codes, site.indices], hint, axis=0), edit.const(f"{hint}.scale", weight.scale)]
         if zero is not None:
             inputs.append(edit.const(f"{hint}.zero_point", zero))
         edit.node("DequantizeLinear", inputs, hint, outputs=[site.output])
         return
     if weight.axis != 0 and not weight.block_size:
         raise LowbitError(f"{hint}: per-column embedding scales cannot follow the gathered rows; use int8:channel")
+    if not weight.block_size:
+        _per_row_lookup(edit, site, codes, weight.scale, zero, weight.codes.shape[1])
+        return
     vocab, dim = weight.codes.shape
     # Each row's scales (and zero points) as (vocab, blocks per row), gathered with the row.
     scales = edit.const(f"{hint}.scale", weight.scale.reshape(vocab, -1))
-    inputs = [row_codes, edit.node("Gather", [scales, site.indices], hint, axis=0)]
+    inputs = [edit.node("Gather", [codes, site.indices], hint, axis=0),
+              edit.node("Gather", [scales, site.indices], hint, axis=0)]
     if zero is not None:
         zeros = edit.const(f"{hint}.zero_point", zero.reshape(vocab, -1))
         inputs.append(edit.node("Gather", [zeros, site.indices], hint, axis=0))
-    edit.node("DequantizeLinear", inputs, hint, outputs=[site.output], axis=-1, block_size=weight.block_size or dim)
+    edit.node("DequantizeLinear", inputs, hint, outputs=[site.output], axis=-1, block_size=weight.block_size)
+
+
+def _per_row_lookup(edit: GraphEdit, site: EmbeddingSite, codes: str, scale: np.ndarray, zero: np.ndarray | None,
+                    dim: int) -> None:
+    """Rows of a table with one scale (and zero point) per row: the flattened indices' rows dequantized along
+    axis 0, then given the indices' shape plus ``dim``."""
+    hint = site.module
+    flat = edit.node("Reshape", [site.indices, edit.const(f"{hint}.flat", np.array([-1], np.int64))], hint)
+    inputs = [edit.node("Gather", [codes, flat], hint, axis=0),
+              edit.node("Gather", [edit.const(f"{hint}.scale", scale.reshape(-1)), flat], hint, axis=0)]
+    if zero is not None:
+        inputs.append(edit.node("Gather", [edit.const(f"{hint}.zero_point", zero.reshape(-1)), flat], hint, axis=0))
+    rows = edit.node("DequantizeLinear", inputs, hint, axis=0)
+    shape = edit.node("Concat", [edit.node("Shape", [site.indices], hint),
+                                 edit.const(f"{hint}.dim", np.array([dim], np.int64))], hint, axis=0)
+    edit.node("Reshape", [rows, shape], hint, outputs=[site.output])

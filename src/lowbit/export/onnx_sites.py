@@ -11,7 +11,7 @@ the copies through Identity nodes (e.g. all-zero biases); those aliases are foll
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
@@ -21,7 +21,10 @@ from lowbit.errors import LowbitError
 
 @dataclass(frozen=True)
 class LinearSite:
-    """One ``nn.Linear`` in the graph: MatMul(input, weight_init) [-> Add(bias_init)] -> output."""
+    """One ``nn.Linear`` in the graph: MatMul(input, weight_init) [-> Add(bias_init)] -> output.
+
+    ``bias`` holds the bias constant's values (for rewrites that join several linears' biases).
+    """
 
     module: str
     matmul: str
@@ -30,6 +33,7 @@ class LinearSite:
     bias_init: str | None
     bias_add: str | None
     output: str
+    bias: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ def _linear_site(name: str, module: nn.Linear, init: str, users: dict[str, list]
         bias_name = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
         stored = inits.get(alias.get(bias_name, bias_name))
         if stored is not None and stored.shape == bias.shape and np.array_equal(stored, bias):
-            return LinearSite(name, matmul.name, matmul.input[0], init, bias_name, add.name, add.output[0])
+            return LinearSite(name, matmul.name, matmul.input[0], init, bias_name, add.name, add.output[0], stored)
     return None
 
 
