@@ -51,7 +51,7 @@ def test_tensor_bytes_by_hand():
 
 def test_allowed_types_follow_the_row_rule():
     assert allowed_types(80) == ("F32", "F16", "BF16")
-    assert allowed_types(96) == ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "MXFP4")
+    assert allowed_types(96) == ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL", "MXFP4")
     assert allowed_types(512) == TYPES
     assert allowed_types(256, ("q4_k", "Q8_0", "TQ2_0")) == ("Q4_K", "Q8_0", "TQ2_0")
     assert allowed_types(96, ("Q4_K", "Q6_K")) == ()

@@ -3,7 +3,8 @@
 The choices follow llama.cpp's ``llama_tensor_get_type`` for dense models (no experts, not
 Falcon, not 70B; a fused ``attn_qkv`` counts as ``attn_v`` there too) without an importance matrix, so a file we write has the same tensor types, hence the same
 size, as ``llama-quantize`` makes from the same float file. Tensors whose row length does not fit the chosen
-block fall back the way llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0, ...; F16 if even that does not fit).
+block fall back the way llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, ...; F16 if even that does
+not fit).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ MIXES: dict[str, Mix] = {m.name: m for m in (
     _mix("Q5_K_S", "Q5_K", "MOSTLY_Q5_K_S"), _mix("Q5_K_M", "Q5_K", "MOSTLY_Q5_K_M"),
     _mix("Q6_K", "Q6_K", "MOSTLY_Q6_K"), _mix("TQ1_0", "TQ1_0", "MOSTLY_TQ1_0"),
     _mix("TQ2_0", "TQ2_0", "MOSTLY_TQ2_0"), _mix("MXFP4", "MXFP4", "MOSTLY_MXFP4_MOE"),
+    _mix("IQ4_NL", "IQ4_NL", "MOSTLY_IQ4_NL"), _mix("IQ4_XS", "IQ4_XS", "MOSTLY_IQ4_XS"),
 )}
 # Aliases people type for the plain k-quant types.
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
-            "Q6_K": "Q8_0"}
+            "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+IQ4_MIXES = ("IQ4_NL", "IQ4_XS")
 
 
 @dataclass(frozen=True)
@@ -120,13 +123,16 @@ def _mixed_type(mix: Mix, role: TensorRole) -> str:
         return "Q4_K" if m in ("TQ1_0", "TQ2_0") else new
     if cat == "attn_v":
         rules = {"Q2_K": "Q4_K" if role.n_gqa >= 4 else "Q3_K", "Q3_K_M": "Q5_K" if i < 2 else "Q4_K",
-                 "Q3_K_L": "Q5_K", "Q4_K_S": "Q5_K" if i < 4 else new}
+                 "Q3_K_L": "Q5_K", "Q4_K_S": "Q5_K" if i < 4 else new,
+                 **dict.fromkeys(IQ4_MIXES, "Q5_K" if role.n_gqa >= 4 else new)}
         if m in ("Q4_K_M", "Q5_K_M"):
             return "Q6_K" if _more_bits(i, n) else new
         return rules.get(m, new)
     if cat == "ffn_down":
         rules = {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if i < n // 16 else "Q4_K", "Q3_K_L": "Q5_K",
-                 "Q4_K_S": "Q5_K" if i < n // 8 else new}
+                 "Q4_K_S": "Q5_K" if i < n // 8 else new,
+                 # llama.cpp bumps IQ4 ffn_down this way only without an imatrix (like every rule here)
+                 **dict.fromkeys(IQ4_MIXES, "Q5_K" if i < n // 8 else new)}
         if m in ("Q4_K_M", "Q5_K_M"):
             return "Q6_K" if _more_bits(i, n) else new
         return rules.get(m, new)
