@@ -127,7 +127,9 @@ TRACED = "fp32 (traced graph: residual Add + LayerNormalization, onnxruntime fus
 LOWBIT = (
     ("lowbit int8 (default: gptq, int7 weights, asym per-tensor inputs, 8 per-token linears)", "lowbit_int8", {}),
     ("lowbit int8 (--method rtn: no GPTQ, otherwise the same)", "lowbit_int8_rtn", {"method": "rtn"}),
+    ("lowbit int8 (--token-linears 5)", "lowbit_int8_token5", {"token_linears": 5}),
     ("lowbit int8 (--token-linears 3)", "lowbit_int8_token3", {"token_linears": 3}),
+    ("lowbit int8 (--token-linears 2)", "lowbit_int8_token2", {"token_linears": 2}),
     ("lowbit int8 (--token-linears 0: every input per tensor)", "lowbit_int8_tensor", {"token_linears": 0}),
     ("lowbit int8 (fuse=True: q|k|v as one product + Split)", "lowbit_int8_fused", {"fuse": True}),
 )
