@@ -43,7 +43,8 @@ def held_out_text() -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
-            if info.name.startswith("_") or info.name in ("antigravity", "this", "idlelib", "tkinter", "turtle"):
+            if (info.name not in sys.stdlib_module_names or info.name.startswith("_")
+                    or info.name in ("antigravity", "this", "idlelib", "tkinter", "turtle")):
                 continue
             try:
                 doc = importlib.import_module(info.name).__doc__
@@ -51,6 +52,7 @@ def held_out_text() -> Path:
                 continue
             if doc and len(doc) > 200:
                 parts.append(doc.strip())
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(parts))
     return path
 

@@ -40,7 +40,7 @@ CONFIGS = ("rtn=method:rtn", "gptq (CLI defaults)=method:gptq", "gptq no act-ord
            "gptq act-order=method:gptq,act_order:1,scale_search:minmax",
            "gptq act-order mse=method:gptq,act_order:1,scale_search:mse",
            "awq+gptq act-order=method:awq+gptq,act_order:1,scale_search:minmax")
-GPTQ_KEYS = ("act_order", "damp", "static_groups")
+GPTQ_KEYS = ("act_order", "damp", "static_groups", "clip_objective")
 TITLE = "## GPTQ defaults: KLD against RTN on held-out text (SmolLM2-135M, {schemes})"
 
 
@@ -51,7 +51,7 @@ def parse_config(text: str) -> tuple[str, dict, dict]:
     for item in filter(None, body.split(",")):
         key, _, value = item.partition(":")
         if key in GPTQ_KEYS:
-            gptq[key] = float(value) if key == "damp" else bool(int(value))
+            gptq[key] = float(value) if key == "damp" else value if key == "clip_objective" else bool(int(value))
         else:
             fields[key] = value
     return label, fields, gptq

@@ -11,6 +11,7 @@ import torch
 
 from lowbit.formats import dequantize, fake_quantize, parse_spec, quantize
 from lowbit.formats.quantize import SCALE_TORCH_DTYPES
+from lowbit.formats.registry import get_format
 
 
 def reference_quantize(w: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -118,3 +119,13 @@ def test_all_zero_block_quantizes_to_zero():
     w = torch.zeros(4, 64)
     assert torch.equal(fake_quantize(w, parse_spec("int4:g32")), w)
     assert torch.equal(fake_quantize(w, parse_spec("int4:g32:asym")), w)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_in_place_round_trip_equals_encode_then_decode(bits):
+    """The MSE search's in-place round trip gives exactly decode(encode(x, z)) - z, with and without zero points."""
+    fmt = get_format(f"int{bits}")
+    x = torch.randn(40, 6, 16, generator=torch.Generator().manual_seed(bits)) * 2 ** bits
+    zero = torch.randint(0, 2 ** bits, (40, 6, 1), generator=torch.Generator().manual_seed(1)).float()
+    assert torch.equal(fmt.round_trip(x.clone(), None), fmt.decode(fmt.encode(x, None)))
+    assert torch.equal(fmt.round_trip(x.clone(), zero), fmt.decode(fmt.encode(x, zero)) - zero)

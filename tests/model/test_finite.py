@@ -333,3 +333,18 @@ def test_report_records_fp32_blocks(tmp_path, tiny_llama_dir, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["calibration"]["fp32_blocks"] == []
     assert all(math.isfinite(v) for v in report["eval"].values() if isinstance(v, float))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_count_is_exact_whatever_the_sum_does(dtype):
+    """The one-reduction shortcut never hides a NaN/Inf, and a finite sum that overflows still counts exactly."""
+    big = torch.finfo(dtype).max
+    huge = torch.full((64,), big, dtype=dtype)  # finite values whose sum overflows
+    assert finite.nonfinite_count(huge) == 0
+    cancelling = huge.clone()
+    cancelling[3], cancelling[9] = float("inf"), -float("inf")  # inf + -inf: the sum is NaN, the count 2
+    assert finite.nonfinite_count(cancelling) == 2
+    plain = torch.randn(1000).to(dtype)
+    assert finite.nonfinite_count(plain) == 0
+    plain[[1, 500]] = float("nan")
+    assert finite.nonfinite_count([plain, {"x": plain}]) == 4

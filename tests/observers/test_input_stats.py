@@ -55,3 +55,19 @@ def test_bf16_products_from_bf16_inputs_match_cast_inputs():
     a.update(x.bfloat16())
     b.update(x.bfloat16().float())
     assert torch.equal(a.xtx, b.xtx) and torch.equal(a.abs_sum, b.abs_sum)
+
+
+def test_without_abs_statistics_the_hessian_is_the_same_and_overflow_still_shows():
+    """GPTQ alone skips the |x| sums; its Hessian is unchanged, and a non-finite input still fails ``finite``."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 32, 8)
+    full, lean = InputStats(8), InputStats(8, want_abs=False)
+    for batch in x:
+        full.update(batch)
+        lean.update(batch)
+    assert torch.equal(full.xtx, lean.xtx) and lean.count == full.count
+    assert not lean.abs_sum.any() and not lean.abs_max.any()
+    bad = x[0].clone()
+    bad[3, 2] = float("inf")
+    lean.update(bad)
+    assert not lean.finite()

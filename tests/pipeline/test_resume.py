@@ -32,15 +32,16 @@ def _ids() -> torch.Tensor:
     return torch.randint(3, 512, (6, 32), generator=torch.Generator().manual_seed(0))
 
 
-def _fingerprint(recipe: Recipe, ids: torch.Tensor) -> Fingerprint:
-    return make_fingerprint({"path": "tiny"}, recipe, ids, 4, torch.float32, stream=False)
+def _fingerprint(recipe: Recipe, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> Fingerprint:
+    return make_fingerprint({"path": "tiny"}, recipe, ids, 4, dtype, stream=False)
 
 
-def _run(folder, resume_: bool, family: str = "llama", recipe: Recipe | None = None):
+def _run(folder, resume_: bool, family: str = "llama", recipe: Recipe | None = None,
+         dtype: torch.dtype = torch.float32):
     recipe, ids = recipe or _recipe(), _ids()
-    state = BlockState.open(folder, _fingerprint(recipe, ids), resume_)
+    state = BlockState.open(folder, _fingerprint(recipe, ids, dtype), resume_)
     model = lowbit_model(family)
-    return quantize_calibrated(model, recipe, ids, batch_size=4, progress=False, state=state)
+    return quantize_calibrated(model, recipe, ids, batch_size=4, progress=False, state=state, compute_dtype=dtype)
 
 
 def _assert_identical(a, b) -> None:
@@ -144,3 +145,20 @@ def test_resume_without_a_state_starts_from_the_first_block_and_a_fresh_run_keep
         fresh = BlockState.open(old, fingerprint, resume=False)
     assert "no calibration state" in caplog.text and "replacing the calibration state" in caplog.text
     assert fresh.done == 0 and (old / "state.json").read_text() == "{}"
+
+
+def test_bf16_pass_outputs_are_saved_as_bf16_and_resume_exactly(tmp_path, monkeypatch):
+    """A bf16 pass's hidden states are bf16 values: the state stores them in half the bytes, and a resumed run
+    (which reads them back as fp32) still equals the uninterrupted one bit for bit."""
+    from safetensors import safe_open
+
+    recipe = _recipe("gptq")
+    reference = _run(tmp_path / "ref.calib-state", False, recipe=recipe, dtype=torch.bfloat16)
+    folder = tmp_path / "k0.calib-state"
+    with monkeypatch.context() as m:
+        die_after_block(m, 0)
+        with pytest.raises(Killed):
+            _run(folder, False, recipe=recipe, dtype=torch.bfloat16)
+    with safe_open(str(folder / "inputs-00000.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    _assert_identical(_run(folder, True, recipe=recipe, dtype=torch.bfloat16), reference)

@@ -50,6 +50,13 @@ class IntegerFormat:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.to(torch.float32)
 
+    def round_trip(self, x: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """``decode(encode(x, zero)) - zero`` computed in place on float ``x`` (the same integers, no int16 copy):
+        the inner loop of the MSE scale search."""
+        if zero is None:
+            return x.round_().clamp_(*self.signed_range())
+        return x.round_().add_(zero).clamp_(*self.zero_range()).sub_(zero)
+
 
 for _bits in range(2, 9):
     register_format(IntegerFormat(_bits))

@@ -66,14 +66,13 @@ def mse_params(
 def _block_error(b, weight, scale, zero, fmt, global_scale=None) -> torch.Tensor:
     s = scale_values(scale, global_scale)[..., None]
     z = None if zero is None else zero.float()[..., None]
-    values = fmt.decode(fmt.encode(b / s, z))
-    if z is not None:
-        values = values - z
+    values = _round_trip(fmt, b / s, z)
     if isinstance(weight, tuple):  # (mask, per-block diagonal blocks of H): output error d H_gg d^T
         mask, hb = weight
         d = (values * s - b) * mask
         return torch.einsum("rng,ngh,rnh->rn", d, hb, d)
-    return ((values * s - b) ** 2 * weight).sum(-1)
+    d = (values * s).sub_(b)  # one block-sized temporary, updated in place: the search's time goes into these
+    return d.mul_(d).mul_(weight).sum(-1)
 
 
 def diagonal_blocks(hessian: torch.Tensor, size: int) -> torch.Tensor:
@@ -83,3 +82,13 @@ def diagonal_blocks(hessian: torch.Tensor, size: int) -> torch.Tensor:
     padded = torch.zeros(groups * size, groups * size, dtype=torch.float32)
     padded[:n, :n] = hessian.float()
     return torch.stack([padded[i * size:(i + 1) * size, i * size:(i + 1) * size] for i in range(groups)])
+
+
+def _round_trip(fmt, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (a temporary, may be overwritten) on the format's grid, relative to the zero point:
+    ``decode(encode(x, z)) - z``, in place where the format can do that (integers: no int16 round trip)."""
+    in_place = getattr(fmt, "round_trip", None)
+    if in_place is not None:
+        return in_place(x, z)
+    values = fmt.decode(fmt.encode(x, z))
+    return values if z is None else values - z

@@ -36,6 +36,7 @@ class GPTQOptions:
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    clip_objective: str = "weight"  # MSE scale search on up-front scales: the weights' own error, or "output" (under H)
 
 
 def gptq(
@@ -62,7 +63,9 @@ def gptq(
     fmt = get_format(spec.format)
     two_level = spec.scale_dtype not in ("fp16", "bf16", "fp32") or getattr(fmt, "fixed_fields", None)
     dynamic = spec.granularity == "group" and not (options.static_groups or options.act_order or two_level)
-    static = None if dynamic else search_params(W.float(), spec)
+    row_wise = spec.granularity in ("channel", "group")
+    clip_hessian = H.float() if options.clip_objective == "output" and row_wise else None
+    static = None if dynamic else search_params(W.float(), spec, hessian=clip_hessian)
     gs = global_scale_of(W.float(), spec)
     perm = torch.argsort(H.diagonal(), descending=True) if options.act_order else torch.arange(cols)
     WT, H = W.T[perm].contiguous(), H[perm][:, perm]

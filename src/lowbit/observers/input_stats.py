@@ -20,6 +20,7 @@ class InputStats:
     want_hessian: bool = True
     sample_rows: int = 0
     product_dtype: torch.dtype = torch.float32
+    want_abs: bool = True  # per-channel |x| sum and max (AWQ, SmoothQuant, static ranges); False leaves them 0
     count: int = 0
     abs_sum: torch.Tensor = field(init=False)
     abs_max: torch.Tensor = field(init=False)
@@ -33,18 +34,17 @@ class InputStats:
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs of shape (..., features)."""
-        x = x.detach().reshape(-1, self.features).cpu()
-        low = x if x.dtype == self.product_dtype else None  # a bf16 pass's inputs, products taken as they are
-        x = x.float()
+        x = x.detach().reshape(-1, self.features).cpu()  # a bf16 pass's inputs are used as they are: no fp32 copy
         self.count += x.shape[0]
-        a = x.abs()
-        self.abs_sum += a.sum(0).double()  # one batch in fp32, the running sum in fp64
-        self.abs_max = torch.maximum(self.abs_max, a.amax(0))
+        if self.want_abs:
+            a = x.abs()
+            self.abs_sum += a.sum(0, dtype=torch.float32).double()  # one batch in fp32, the running sum in fp64
+            self.abs_max = torch.maximum(self.abs_max, a.amax(0).float())
         if self.xtx is not None:  # bf16 products (where asked) are summed in fp32, batch by batch
-            add_gram(self.xtx, low if low is not None else x.to(self.product_dtype))
+            add_gram(self.xtx, x.to(self.product_dtype))
         if self.sample_rows:
             g = torch.Generator().manual_seed(self.count)
-            self.rows.append(x[torch.randperm(x.shape[0], generator=g)[: self.sample_rows]].clone())
+            self.rows.append(x[torch.randperm(x.shape[0], generator=g)[: self.sample_rows]].float())
 
     def finite(self) -> bool:
         """Whether every statistic is free of NaN/Inf (an overflowing pass makes them inf, then NaN)."""

@@ -87,11 +87,12 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
     method = get_method(quantizer)
     chosen = {name: (module, spec) for name, module, spec in plan(model, recipe)}
     input_specs = {name: recipe.input_spec_for(name, module) for name, (module, _) in chosen.items()}
+    want_hessian = quantizer == "gptq" or "awq" in transforms
+    sample_rows = SAMPLE_ROWS if any(s is not None and not s.dynamic for s in input_specs.values()) else 0
     run = _Run(recipe=recipe, result=QuantizedModel(model=model, recipe=recipe), chosen=chosen,
                input_specs=input_specs, transforms=transforms, quantizer=quantizer, method=method, family=family,
-               compute_dtype=compute_dtype, want_hessian=quantizer == "gptq" or "awq" in transforms,
-               sample_rows=SAMPLE_ROWS if any(s is not None and not s.dynamic for s in input_specs.values()) else 0,
-               handed_off=set())
+               compute_dtype=compute_dtype, want_hessian=want_hessian, sample_rows=sample_rows,
+               want_abs=bool(transforms) or bool(sample_rows) or not want_hessian, handed_off=set())
     prefix, blocks = find_blocks(model)
     inputs = capture_inputs(model, blocks[0], calib_ids, batch_size)
     if source is not None:
@@ -164,6 +165,7 @@ class _Run:
     compute_dtype: torch.dtype
     want_hessian: bool
     sample_rows: int
+    want_abs: bool  # per-channel |x| sums and maxima: transforms and static ranges read them, GPTQ alone does not
     handed_off: set[str]  # names of the QTensors given to the sink (no longer in the result)
 
 
@@ -173,7 +175,7 @@ def _quantize_block(run: _Run, block: nn.Module, index: int, block_prefix: str,
     chosen, result = run.chosen, run.result
     targets = {n[len(block_prefix):]: m for n, (m, _) in chosen.items() if n.startswith(block_prefix)}
     specs = {n: chosen[block_prefix + n][1] for n in targets}
-    stats = _observe(block, targets, inputs, run.want_hessian, run.sample_rows, run.compute_dtype, index, result)
+    stats = _observe(block, targets, inputs, run, index, result)
     _apply_transforms(block, targets, stats, specs, run.transforms, run.recipe, run.family)
     with torch.no_grad():
         for group in _stackable_groups(targets, stats, specs):
@@ -198,7 +200,10 @@ def _save(run: _Run, state: BlockState, block: nn.Module, index: int, block_pref
     quantizers = {block_prefix + n: q for n, q in input_quantizers(block).items()}
     floats = {block_prefix + n: p.data for n, p in block.named_parameters()
               if block_prefix + n not in qtensors and p.is_floating_point()}
-    state.save_block(index, qtensors, quantizers, floats, [o.hidden for o in outputs], run.result.fp32_blocks)
+    # A bf16 pass's outputs are bf16 values held in fp32: stored as bf16 they take half the bytes, exactly.
+    exact_bf16 = run.compute_dtype == torch.bfloat16 and index not in run.result.fp32_blocks
+    hidden = [o.hidden.to(torch.bfloat16) if exact_bf16 else o.hidden for o in outputs]
+    state.save_block(index, qtensors, quantizers, floats, hidden, run.result.fp32_blocks)
 
 
 def _restore(run: _Run, state: BlockState, blocks: nn.ModuleList, prefix: str, inputs: list[BlockInput],
@@ -259,22 +264,23 @@ def _restore_quantizers(run: _Run, state: BlockState, block: nn.Module, block_pr
         attach_input_quantizer(block.get_submodule(name[len(block_prefix):]), spec, saved.input_scales[name])
 
 
-def _observe(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[BlockInput], want_hessian: bool,
-             sample_rows: int, compute_dtype: torch.dtype, index: int, result: QuantizedModel) -> dict[str, InputStats]:
+def _observe(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[BlockInput], run: _Run, index: int,
+             result: QuantizedModel) -> dict[str, InputStats]:
     """The block's input statistics; a bf16 pass whose statistics came out NaN/Inf is redone in fp32.
 
     bf16 has fp32's exponent range but rounds to 8 significant bits, so a sum just below fp32's maximum
     (3.40e38) can round to inf in bf16 (its largest finite value is 3.39e38); the fp32 redo is exact there.
     Statistics that are not finite even in fp32 (activations beyond fp32's range) are an error.
     """
+    compute_dtype = run.compute_dtype
+    collect = {"want_hessian": run.want_hessian, "sample_rows": run.sample_rows, "want_abs": run.want_abs,
+               "outputs": False}
     with computing_in(block, compute_dtype) as cast:
-        stats, _ = observe_block(block, targets, cast(inputs), want_hessian, sample_rows, hessian_dtype=compute_dtype,
-                                 outputs=False)
+        stats, _ = observe_block(block, targets, cast(inputs), hessian_dtype=compute_dtype, **collect)
     bad = [name for name, s in stats.items() if not s.finite()]
     if bad and compute_dtype != torch.float32:
         _recompute_in_fp32(index, result, f"input statistics of {bad[0]}")
-        stats, _ = observe_block(block, targets, inputs, want_hessian, sample_rows, hessian_dtype=torch.float32,
-                                 outputs=False)
+        stats, _ = observe_block(block, targets, inputs, hessian_dtype=torch.float32, **collect)
         bad = [name for name, s in stats.items() if not s.finite()]
     if bad:
         raise LowbitError(f"block {index}: the input statistics of {bad[0]} are NaN/Inf even in fp32 (the "
@@ -290,10 +296,12 @@ def _propagate(block: nn.Module, inputs: list[BlockInput], compute_dtype: torch.
     """
     with computing_in(block, compute_dtype) as cast:
         outputs = as_float32(run_block(block, cast(inputs)), inputs)
-    if compute_dtype != torch.float32 and not _finite_outputs(outputs):
+    finite = _finite_outputs(outputs)
+    if compute_dtype != torch.float32 and not finite:
         _recompute_in_fp32(index, result, "outputs")
         outputs = run_block(block, inputs)
-    if not _finite_outputs(outputs):
+        finite = _finite_outputs(outputs)
+    if not finite:
         bad = next(b for b, o in zip(inputs, outputs) if nonfinite_count(o.hidden))
         name, count, _ = first_nonfinite_module(block, lambda: run_block(block, [bad]))
         where = block_prefix + name if name else block_prefix.rstrip(".")
@@ -355,7 +363,8 @@ def _method_inputs(quantizer: str, transforms: tuple[str, ...], stats: InputStat
         return spec, {"hessian": stats.hessian(), "options": GPTQOptions(
             damp=float(opts.get("damp", 0.01)), block_size=int(opts.get("block_size", 128)),
             act_order=bool(opts.get("act_order", GPTQ_DEFAULT_OPTIONS["act_order"])),
-            static_groups=bool(opts.get("static_groups", False)))}
+            static_groups=bool(opts.get("static_groups", False)),
+            clip_objective=str(opts.get("clip_objective", GPTQ_DEFAULT_OPTIONS["clip_objective"])))}
     clip = "awq" in transforms and recipe.options.get("clip", True) and stats.xtx is not None
     if clip and spec.granularity in ("channel", "group"):
         try:

@@ -21,10 +21,11 @@ class _Observed(Exception):
 
 def observe_block(block: nn.Module, targets: dict[str, nn.Linear], inputs: Iterable[BlockInput],
                   want_hessian: bool = True, sample_rows: int = 0, hessian_dtype: torch.dtype = torch.float32,
-                  outputs: bool = True) -> tuple[dict[str, InputStats], list[BlockInput]]:
+                  outputs: bool = True, want_abs: bool = True) -> tuple[dict[str, InputStats], list[BlockInput]]:
     """Input statistics per target name, and the block's float outputs (an empty list with ``outputs=False``).
 
-    ``sample_rows`` > 0 keeps that many random input rows per batch (for static activation ranges). Without
+    ``sample_rows`` > 0 keeps that many random input rows per batch (for static activation ranges); ``want_abs``
+    False skips the per-channel |x| sums and maxima (GPTQ alone reads only the Hessian). Without
     ``outputs``, every batch after the first stops as soon as the hooks have fired as often as they did in the
     first (the last target's input is in): the rest of the block, typically the MLP's down projection and the
     residual add, is not computed.
@@ -40,7 +41,9 @@ def observe_block(block: nn.Module, targets: dict[str, nn.Linear], inputs: Itera
             x = args[0]
             alive.append(x)
             if name not in stats:
-                stats[name] = by_input.setdefault(id(x), InputStats(x.shape[-1], want_hessian, sample_rows, hessian_dtype))
+                if id(x) not in by_input:
+                    by_input[id(x)] = InputStats(x.shape[-1], want_hessian, sample_rows, hessian_dtype, want_abs=want_abs)
+                stats[name] = by_input[id(x)]
             acc = stats[name]
             if id(acc) not in seen_in_batch:  # a shared accumulator takes each batch once
                 seen_in_batch.add(id(acc))
