@@ -55,3 +55,20 @@ def test_fallback_to_f16_and_no_fallback_errors():
     with pytest.raises(LowbitError, match="unknown GGUF type"):
         get_mix("Q4_K_XL")
     assert get_mix("q4_k").name == "Q4_K_M"
+
+
+@pytest.mark.parametrize("mix_name", ["IQ3_XS", "IQ3_S", "IQ3_M"])
+def test_iq3_mixes_on_smollm2_shapes(mix_name):
+    """576-wide rows fit no 256-value block: IQ3_S / IQ3_XXS fall back to IQ4_NL, Q4_K to Q5_0; ffn_down's
+    1536-wide rows keep IQ3_S (IQ3_M: Q4_K in the first eighth of the layers); the tied output takes Q8_0."""
+    mix, xs, m = get_mix(mix_name), mix_name == "IQ3_XS", mix_name == "IQ3_M"
+    q = choose_type(mix, _role("blk.7.attn_q.weight", 576, 7))
+    assert (q.wanted, q.type) == ("IQ3_XXS" if xs else "IQ3_S", "IQ4_NL")
+    up = choose_type(mix, _role("blk.7.ffn_up.weight", 576, 7))
+    assert (up.wanted, up.type) == ("IQ3_XXS" if xs else "IQ3_S", "IQ4_NL")
+    assert choose_type(mix, _role("blk.1.ffn_up.weight", 576, 1)).wanted == "IQ3_S"
+    v = choose_type(mix, _role("blk.7.attn_v.weight", 576, 7))
+    assert (v.wanted, v.type) == (("Q4_K", "Q5_0") if m else ("IQ3_S", "IQ4_NL"))
+    assert choose_type(mix, _role("blk.2.ffn_down.weight", 1536, 2)).type == ("Q4_K" if m else "IQ3_S")
+    assert choose_type(mix, _role("blk.3.ffn_down.weight", 1536, 3)).type == "IQ3_S"
+    assert choose_type(mix, _role("token_embd.weight", 576)).type == "Q8_0"

@@ -121,4 +121,4 @@ def get_block_type(name: str) -> type[BlockType]:
 
 def _load_all() -> None:
     # The modules register their classes on import; importing them here keeps the registry complete.
-    from lowbit.gguf import iquants, kquants, legacy, mxfp4, ternary  # noqa: F401
+    from lowbit.gguf import iquants, iquants_grid, kquants, legacy, mxfp4, ternary  # noqa: F401

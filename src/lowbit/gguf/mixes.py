@@ -3,8 +3,8 @@
 The choices follow llama.cpp's ``llama_tensor_get_type`` for dense models (no experts, not
 Falcon, not 70B; a fused ``attn_qkv`` counts as ``attn_v`` there too) without an importance matrix, so a file we write has the same tensor types, hence the same
 size, as ``llama-quantize`` makes from the same float file. Tensors whose row length does not fit the chosen
-block fall back the way llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, ...; F16 if even that does
-not fit).
+block fall back the way llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0, IQ4_XS / IQ3_S / IQ3_XXS / IQ2_XXS -> IQ4_NL,
+...; F16 if even that does not fit).
 """
 
 from __future__ import annotations
@@ -40,13 +40,17 @@ MIXES: dict[str, Mix] = {m.name: m for m in (
     _mix("Q6_K", "Q6_K", "MOSTLY_Q6_K"), _mix("TQ1_0", "TQ1_0", "MOSTLY_TQ1_0"),
     _mix("TQ2_0", "TQ2_0", "MOSTLY_TQ2_0"), _mix("MXFP4", "MXFP4", "MOSTLY_MXFP4_MOE"),
     _mix("IQ4_NL", "IQ4_NL", "MOSTLY_IQ4_NL"), _mix("IQ4_XS", "IQ4_XS", "MOSTLY_IQ4_XS"),
+    _mix("IQ3_XS", "IQ3_S", "MOSTLY_IQ3_XS"), _mix("IQ3_S", "IQ3_S", "MOSTLY_IQ3_S"),
+    _mix("IQ3_M", "IQ3_S", "MOSTLY_IQ3_M"), _mix("IQ2_XXS", "IQ2_XXS", "MOSTLY_IQ2_XXS"),
 )}
 # Aliases people type for the plain k-quant types.
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
-            "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+            "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL",
+            "IQ2_XXS": "IQ4_NL"}
 IQ4_MIXES = ("IQ4_NL", "IQ4_XS")
+IQ3_MIXES = ("IQ3_XS", "IQ3_S", "IQ3_M")  # not IQ3_XXS: llama.cpp gives its attn_q/attn_k IQ2_S, not written yet
 
 
 @dataclass(frozen=True)
@@ -118,13 +122,15 @@ def _mixed_type(mix: Mix, role: TensorRole) -> str:
     if cat == "output" or (cat == "token_embd" and role.tied_embeddings):
         if role.ne0 % block_size(new) != 0:
             return "Q8_0"
-        return new if new == "Q8_0" else "Q6_K"
+        return new if new == "Q8_0" else "Q5_K" if m == "IQ2_XXS" else "Q6_K"
     if cat == "token_embd":
-        return "Q4_K" if m in ("TQ1_0", "TQ2_0") else new
+        return {"TQ1_0": "Q4_K", "TQ2_0": "Q4_K", "IQ2_XXS": "Q2_K"}.get(m, new)
     if cat == "attn_v":
         rules = {"Q2_K": "Q4_K" if role.n_gqa >= 4 else "Q3_K", "Q3_K_M": "Q5_K" if i < 2 else "Q4_K",
                  "Q3_K_L": "Q5_K", "Q4_K_S": "Q5_K" if i < 4 else new,
-                 **dict.fromkeys(IQ4_MIXES, "Q5_K" if role.n_gqa >= 4 else new)}
+                 **dict.fromkeys(IQ4_MIXES, "Q5_K" if role.n_gqa >= 4 else new),
+                 **dict.fromkeys(IQ3_MIXES, "Q4_K" if role.n_gqa >= 4 else new), "IQ3_M": "Q4_K",
+                 "IQ2_XXS": "Q4_K" if role.n_gqa >= 4 else "Q2_K"}
         if m in ("Q4_K_M", "Q5_K_M"):
             return "Q6_K" if _more_bits(i, n) else new
         return rules.get(m, new)
@@ -132,12 +138,15 @@ def _mixed_type(mix: Mix, role: TensorRole) -> str:
         rules = {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if i < n // 16 else "Q4_K", "Q3_K_L": "Q5_K",
                  "Q4_K_S": "Q5_K" if i < n // 8 else new,
                  # llama.cpp bumps IQ4 ffn_down this way only without an imatrix (like every rule here)
-                 **dict.fromkeys(IQ4_MIXES, "Q5_K" if i < n // 8 else new)}
+                 **dict.fromkeys(IQ4_MIXES, "Q5_K" if i < n // 8 else new), "IQ3_M": "Q4_K" if i < n // 8 else new,
+                 "IQ2_XXS": "Q2_K" if i < n // 8 else new}
         if m in ("Q4_K_M", "Q5_K_M"):
             return "Q6_K" if _more_bits(i, n) else new
         return rules.get(m, new)
     if cat == "attn_output":
-        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(m, new)
+        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(m, new)
+    if m == "IQ3_XS" and (cat in ("attn_k", "attn_q") or (cat in ("ffn_gate", "ffn_up") and n // 8 <= i < 7 * n // 8)):
+        return "IQ3_XXS"
     return new
 
 
