@@ -294,20 +294,11 @@ def test_iq4_fallbacks():
 @pytest.fixture(scope="module")
 def gqa4_llama(tmp_path_factory) -> Path:
     """A Llama with 8 layers (so the first-eighth rule fires), n_gqa 4 and ffn rows of 320 (fit no super-block)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.arch_models import save_tiny
 
-    from lowbit.data.text import default_text
-    from tests.conftest import make_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=320, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("gqa4-llama")
-    LlamaForCausalLM(config).eval().save_pretrained(str(path), safe_serialization=True)
-    make_tokenizer(default_text()).save_pretrained(str(path))
-    return path
+    return save_tiny("llama", tmp_path_factory.mktemp("gqa4-llama"), vocab_size=512, hidden_size=256,
+                     intermediate_size=320, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1,
+                     max_position_embeddings=256, tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("mix_name", IQ4)
