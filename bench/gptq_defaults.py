@@ -40,7 +40,7 @@ CONFIGS = ("rtn=method:rtn", "gptq (CLI defaults)=method:gptq", "gptq no act-ord
            "gptq act-order=method:gptq,act_order:1,scale_search:minmax",
            "gptq act-order mse=method:gptq,act_order:1,scale_search:mse",
            "awq+gptq act-order=method:awq+gptq,act_order:1,scale_search:minmax")
-GPTQ_KEYS = ("act_order", "damp", "static_groups", "clip_objective")
+GPTQ_KEYS = ("act_order", "damp", "static_groups", "clip_objective", "true_sequential")
 TITLE = "## GPTQ defaults: KLD against RTN on held-out text (SmolLM2-135M, {schemes})"
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gptq_speed.py prepare --dir /tmp/gptq-speed [--samples 64]
     GPTQMODEL_CPU_WORKERS=2 /path/to/gptqmodel-venv/bin/python bench/gptqmodel_run.py /tmp/gptq-speed [auto|fp32] [act-order]
-    .venv/bin/python bench/gptq_speed.py lowbit --dir /tmp/gptq-speed [--dtype auto|fp32|bf16] [--act-order]
+    .venv/bin/python bench/gptq_speed.py lowbit --dir /tmp/gptq-speed [--dtype auto|fp32|bf16] [--act-order] [--two-pass]
     .venv/bin/python bench/gptq_speed.py report --dir /tmp/gptq-speed      # writes bench/RESULTS.md
 
 `prepare` writes the float model as a Hugging Face folder (built fresh from the GGUF-loaded weights) and
@@ -37,7 +37,8 @@ def prepare(d: Path, samples: int, length: int) -> None:
     save_file({"input_ids": ids.contiguous()}, str(d / "calibration.safetensors"))
 
 
-def run_lowbit(d: Path, dtype: str, act_order: bool) -> None:
+def run_lowbit(d: Path, dtype: str, act_order: bool, two_pass: bool = False) -> None:
+    from lowbit.methods import GPTQ_DEFAULT_OPTIONS
     from lowbit.model.load import load_model
     from lowbit.pipeline.calibrated import quantize_calibrated
     from lowbit.workflow import QuantizeOptions, build_recipe, cpu_has_bf16
@@ -47,17 +48,19 @@ def run_lowbit(d: Path, dtype: str, act_order: bool) -> None:
     ids = load_file(str(d / "calibration.safetensors"))["input_ids"]
     loaded = load_model(str(d / "model"))
     recipe = build_recipe(QuantizeOptions(scheme="W4A16", group_size=128, symmetric=True, method="gptq",
-                                          method_options=(("act_order", act_order),)))
+                                          method_options=(("act_order", act_order), ("true_sequential", not two_pass))))
     t0 = time.perf_counter()
     qm = quantize_calibrated(loaded.model, recipe, ids, progress=True,
                              compute_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     seconds = time.perf_counter() - t0
     order = "act-order" if act_order else "no act-order"
     search = recipe.rules[-1].spec.scale_search
-    result = {"tool": f"lowbit gptq ({dtype} calibration passes, {order}, {search} scales)", "seconds": seconds,
+    passes = "one pass per block" if recipe.options.get("true_sequential", GPTQ_DEFAULT_OPTIONS["true_sequential"]) \
+        else "two passes per block"
+    result = {"tool": f"lowbit gptq ({dtype} calibration passes, {order}, {search} scales, {passes})", "seconds": seconds,
               "samples": int(ids.shape[0]), "length": int(ids.shape[1]), "tensors": len(qm.qtensors),
               "peak_rss_mb": qm.peak_rss_mb}
-    (d / f"lowbit-{dtype}-{'act' if act_order else 'plain'}.json").write_text(json.dumps(result, indent=2))
+    (d / f"lowbit-{dtype}-{'act' if act_order else 'plain'}{'-2pass' if two_pass else ''}.json").write_text(json.dumps(result, indent=2))
     print(result)
 
 
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--act-order", action="store_true", help="lowbit: GPTQ with activation order")
+    parser.add_argument("--two-pass", action="store_true", help="lowbit: true_sequential off (observe, then propagate)")
     parser.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"))
     parser.add_argument("--note", default="", help="report: a line on the conditions of the runs")
     args = parser.parse_args()
@@ -108,7 +112,7 @@ def main() -> None:
     if args.step == "prepare":
         prepare(args.dir, args.samples, args.length)
     elif args.step == "lowbit":
-        run_lowbit(args.dir, args.dtype, args.act_order)
+        run_lowbit(args.dir, args.dtype, args.act_order, args.two_pass)
     else:
         report(args.dir, args.out, args.note)
 

@@ -137,7 +137,8 @@ def output_error(reference: torch.Tensor, out: torch.Tensor, encoder: bool) -> f
 def quantized_errors(family: str, spec: str = "int3:g32:asym") -> dict[str, float]:
     """Each method's output error against the float model of ``family`` on held-out token windows."""
     encoder = family in ENCODERS
-    calib = torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(1))
+    # 32 x 64 tokens: with 8 x 64, GPTQ's margin over RTN on a random model was within the calibration noise
+    calib = torch.randint(3, 512, (32, 64), generator=torch.Generator().manual_seed(1))
     held_out = torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(2))
     reference = outputs(lowbit_model(family), held_out)
     errors = {}

@@ -206,6 +206,15 @@ def test_calibrated_method_records_its_samples(tmp_path, tiny_llama_dir, capsys)
     assert "act_order: true" in recipe and "method: awq+gptq" in recipe
 
 
+def test_gptq_two_pass_order_is_a_flag_and_is_recorded(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "gptq"
+    code, _, _ = _run(capsys, "quantize", tiny_llama_dir, "--scheme", "W4A16", "--group-size", "32", "--method",
+                      "gptq", "--no-true-sequential", "--calib-samples", "4", "--calib-length", "32",
+                      "--calib-batch", "2", "--out", out, "--no-eval")
+    assert code == 0
+    assert "true_sequential: false" in (out / "recipe.yaml").read_text()
+
+
 @pytest.mark.parametrize("args, match", [(["--calib-samples", "0"], "must be positive"),
                                          (["--calib-samples", "100000"], "gives only")])
 def test_bad_calibration_options(tmp_path, tiny_llama_dir, capsys, args, match):

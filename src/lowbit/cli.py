@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: visit columns by descending Hessian diagonal (default: on)")
     c.add_argument("--static-groups", action="store_true", help="GPTQ: group scales from the original weights")
+    c.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize each block in one pass, later linears seeing earlier ones quantized "
+                        "(default: on; off: a float observing pass, then a quantized one)")
     c.add_argument("--damp", type=float, help="GPTQ: dampening as a fraction of mean diag(H) (default 0.01)")
     c.add_argument("--awq-grid", type=int, help="AWQ: exponents tried in [0, 1) (default 20)")
     c.add_argument("--alpha", type=float, help="SmoothQuant: migration strength (default 0.5)")
@@ -216,7 +219,7 @@ def _quantize_lowbit(args: argparse.Namespace) -> Path:
     if samples <= 0 or args.calib_length < 2 or args.calib_batch <= 0:
         raise LowbitError("--calib-samples and --calib-batch must be positive and --calib-length at least 2")
     method_options = {"act_order": args.act_order, "static_groups": args.static_groups or None,
-                      "damp": args.damp, "grid": args.awq_grid, "alpha": args.alpha}
+                      "true_sequential": args.true_sequential, "damp": args.damp, "grid": args.awq_grid, "alpha": args.alpha}
     opts = QuantizeOptions(
         model=args.model, scheme=args.scheme, method=args.method or "rtn", group_size=args.group_size,
         symmetric=args.symmetric, scale_search=args.search, dtype=args.dtype, rules=tuple(args.rule),

@@ -23,7 +23,7 @@ CALIBRATED = ("gptq",)
 # What a quantizer does when the user names it and nothing more: the configuration that measured best on
 # held-out text (bench/gptq_defaults.py, bench/RESULTS.md), as llm-compressor and GPTQModel also default to
 # activation order. Explicit options (--no-act-order, --search minmax, a recipe's options) override these.
-GPTQ_DEFAULT_OPTIONS = {"act_order": True, "clip_objective": "output"}
+GPTQ_DEFAULT_OPTIONS = {"act_order": True, "clip_objective": "output", "true_sequential": True}
 DEFAULT_SCALE_SEARCH = {"gptq": "mse"}  # quantizer -> scale search of its static group scales
 
 

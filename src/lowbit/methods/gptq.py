@@ -23,6 +23,7 @@ from lowbit.formats import blocks
 from lowbit.formats.qtensor import QTensor
 from lowbit.formats.quantize import check_finite, global_scale_of
 from lowbit.formats.scales import scale_values
+from lowbit.formats.integer import IntegerFormat
 from lowbit.formats.registry import get_format
 from lowbit.formats.scale_search import search_params
 from lowbit.formats.spec import QuantSpec
@@ -49,9 +50,13 @@ def gptq(
     options: GPTQOptions = GPTQOptions(),
     name: str = "tensor",
     dtype: torch.dtype = torch.float32,
+    search_dtype: torch.dtype = torch.float32,
     **_: object,
 ) -> QTensor:
-    """Quantize ``w`` (out x in) with GPTQ error feedback under the input Hessian ``hessian`` (in x in)."""
+    """Quantize ``w`` (out x in) with GPTQ error feedback under the input Hessian ``hessian`` (in x in).
+
+    ``search_dtype`` bf16 computes the output-error scale search's products in bf16 (where the calibration passes
+    run in bf16, i.e. the CPU has bf16 units; ``lowbit.formats.scale_search``)."""
     if hessian is None:
         raise LowbitError(f"{name}: GPTQ needs calibration data (an input Hessian); use --method rtn without it")
     check_finite(w, name)
@@ -68,7 +73,7 @@ def gptq(
     dynamic = spec.granularity == "group" and not (options.static_groups or options.act_order or two_level)
     row_wise = spec.granularity in ("channel", "group")
     clip_hessian = H.float() if options.clip_objective == "output" and row_wise else None
-    static = None if dynamic else search_params(W.float(), spec, hessian=clip_hessian)
+    static = None if dynamic else search_params(W.float(), spec, hessian=clip_hessian, product_dtype=search_dtype)
     gs = global_scale_of(W.float(), spec)
     perm = torch.argsort(H.diagonal(), descending=True) if options.act_order else torch.arange(cols)
     WT, H = W.T[perm].contiguous(), H[perm][:, perm]
@@ -80,7 +85,7 @@ def gptq(
         scaleT = blocks.expand(scale_values(static[0], gs), (rows, cols), block).T[perm].to(dtype).contiguous()
         if static[1] is not None:
             zeroT = blocks.expand(static[1].float(), (rows, cols), block).T[perm].to(dtype).contiguous()
-    with _one_thread():
+    with _one_thread():  # also the factorization: its result must not depend on the thread count (resume)
         Hinv = _inverse_cholesky(H, options.damp, name)
         _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, options, dtype)
     codes = codesT[torch.argsort(perm)].T.contiguous()
@@ -110,6 +115,8 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
     every step reads, rounds and updates contiguous memory (the column-major walk over a row-major weight
     was ~1.5x slower)."""
     fmt = get_format(spec.format)
+    integer = isinstance(fmt, IntegerFormat) and dtype == torch.float32
+    signed, zeros = (fmt.signed_range(), fmt.zero_range()) if integer else (None, None)
     cols = WT.shape[0]
     for i1 in range(0, cols, options.block_size):
         i2 = min(i1 + options.block_size, cols)
@@ -128,11 +135,17 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
                 s = scaleT[col]
                 z = None if zeroT is None else zeroT[col]
             w = W1[i]
-            q = fmt.encode(w / s, z)
-            values = fmt.decode(q).to(dtype)
-            deq = (values - z) * s if z is not None else values * s
-            codesT[col] = q
             err = Err1[i]
+            if integer:  # the same integers and values as encode/decode, in place in err (fewer small ops)
+                x = torch.div(w, s, out=err).round_()
+                x = x.clamp_(*signed) if z is None else x.add_(z).clamp_(*zeros)
+                codesT[col].copy_(x)
+                deq = x.mul_(s) if z is None else x.sub_(z).mul_(s)
+            else:
+                q = fmt.encode(w / s, z)
+                values = fmt.decode(q).to(dtype)
+                deq = (values - z) * s if z is not None else values * s
+                codesT[col] = q
             torch.sub(w, deq, out=err).mul_(diag_inv[i])
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # one fused rank-1 update, no temporary
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)

@@ -22,27 +22,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.arch import Family, require_family
-from lowbit.formats.activation import ActivationSpec, max_code
+from lowbit.formats.activation import ActivationSpec
 from lowbit.errors import LowbitError
 from lowbit.formats.qtensor import QTensor, split_rows
 from lowbit.formats.spec import QuantSpec
 from lowbit.formats.quantize import check_finite, dequantize
 from lowbit.methods import GPTQ_DEFAULT_OPTIONS, get_method, split_method
-from lowbit.methods.gptq import GPTQOptions
 from lowbit.model.apply import FLOAT_TORCH_DTYPES, QuantizedModel, cast_float_tensors, plan
 from lowbit.model.act_quant import InputQuantizer, attach_input_quantizer, input_quantizers
 from lowbit.model.finite import first_nonfinite_module, nonfinite_count
 from lowbit.model.streaming import StreamingSource
-from lowbit.observers.input_stats import InputStats, rescale_inputs
-from lowbit.observers.ranges import get_range_observer
+from lowbit.observers.input_stats import InputStats
 from lowbit.pipeline.compute import as_float32, computing_in
 from lowbit.pipeline.layers import BlockInput, capture_inputs, find_blocks, run_block
+from lowbit.pipeline.linears import apply_transforms, attach_activation_quantizer, method_inputs, stackable_groups
 from lowbit.pipeline.observe import observe_block
 from lowbit.pipeline.resume import BlockState, SavedBlock
+from lowbit.pipeline.sequential import NotSequential, run_sequential, trace_calls
 from lowbit.recipe import Recipe
-from lowbit.transforms.awq import search_scales
-from lowbit.transforms.mappings import applicable_mappings, fold_scales
-from lowbit.transforms.smoothquant import smoothing_scales
 
 
 log = logging.getLogger("lowbit")
@@ -92,7 +89,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
     run = _Run(recipe=recipe, result=QuantizedModel(model=model, recipe=recipe), chosen=chosen,
                input_specs=input_specs, transforms=transforms, quantizer=quantizer, method=method, family=family,
                compute_dtype=compute_dtype, want_hessian=want_hessian, sample_rows=sample_rows,
-               want_abs=bool(transforms) or bool(sample_rows) or not want_hessian, handed_off=set())
+               want_abs=bool(transforms) or bool(sample_rows) or not want_hessian, handed_off=set(),
+               sequential=_runs_sequential(recipe, quantizer, transforms), traces={})
     prefix, blocks = find_blocks(model)
     inputs = capture_inputs(model, blocks[0], calib_ids, batch_size)
     if source is not None:
@@ -126,6 +124,13 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     return result
+
+
+def _runs_sequential(recipe: Recipe, quantizer: str, transforms: tuple[str, ...]) -> bool:
+    """Whether blocks are quantized one group of linears at a time in one pass: GPTQ without transforms (AWQ and
+    SmoothQuant fold scales computed from every linear's statistics first), unless the recipe turns it off."""
+    default = GPTQ_DEFAULT_OPTIONS["true_sequential"]
+    return quantizer == "gptq" and not transforms and bool(recipe.options.get("true_sequential", default))
 
 
 def _release(source: StreamingSource, block: nn.Module, index: int) -> None:
@@ -167,6 +172,8 @@ class _Run:
     sample_rows: int
     want_abs: bool  # per-channel |x| sums and maxima: transforms and static ranges read them, GPTQ alone does not
     handed_off: set[str]  # names of the QTensors given to the sink (no longer in the result)
+    sequential: bool  # one pass per block, each group of linears quantized when every batch reached it
+    traces: dict  # (block class, target names) -> how one batch called them (lowbit.pipeline.sequential)
 
 
 def _quantize_block(run: _Run, block: nn.Module, index: int, block_prefix: str,
@@ -175,22 +182,77 @@ def _quantize_block(run: _Run, block: nn.Module, index: int, block_prefix: str,
     chosen, result = run.chosen, run.result
     targets = {n[len(block_prefix):]: m for n, (m, _) in chosen.items() if n.startswith(block_prefix)}
     specs = {n: chosen[block_prefix + n][1] for n in targets}
+    if run.sequential and not any(run.input_specs[block_prefix + n] for n in targets):
+        outputs = _quantize_sequential(run, block, index, block_prefix, targets, specs, inputs)
+        if outputs is not None:
+            return outputs
     stats = _observe(block, targets, inputs, run, index, result)
-    _apply_transforms(block, targets, stats, specs, run.transforms, run.recipe, run.family)
+    apply_transforms(block, targets, stats, specs, run.transforms, run.recipe, run.family)
     with torch.no_grad():
-        for group in _stackable_groups(targets, stats, specs):
+        for group in stackable_groups(targets, stats, specs):
             first = group[0]
             weight = torch.cat([targets[rel].weight for rel in group]) if len(group) > 1 else targets[first].weight
-            spec, inputs_ = _method_inputs(run.quantizer, run.transforms, stats.get(first), run.recipe, specs[first])
+            spec, inputs_ = method_inputs(run.quantizer, run.transforms, stats.get(first), run.recipe, specs[first],
+                                          run.compute_dtype)
             qt = run.method(weight, spec, name=block_prefix + first + ".weight", **inputs_)
             parts = split_rows(qt, [targets[rel].weight.shape[0] for rel in group])
             for rel, part in zip(group, parts):
                 module = targets[rel]
                 module.weight.data.copy_(dequantize(part).to(module.weight.dtype))
                 result.qtensors[block_prefix + rel + ".weight"] = part
-                _attach_activation_quantizer(module, run.input_specs[block_prefix + rel], stats.get(rel))
+                attach_activation_quantizer(module, run.input_specs[block_prefix + rel], stats.get(rel))
     del stats
     return _propagate(block, inputs, run.compute_dtype, index, block_prefix, result)
+
+
+def _quantize_sequential(run: _Run, block: nn.Module, index: int, block_prefix: str, targets: dict[str, nn.Linear],
+                         specs: dict[str, QuantSpec], inputs: list[BlockInput]) -> list[BlockInput] | None:
+    """Quantize the block in one pass, each group of linears as soon as every batch has reached it, the later
+    ones seeing the earlier ones quantized (``lowbit.pipeline.sequential``); returns its outputs, or None when
+    the block does not call its linears once each in a fixed order (then nothing was changed)."""
+    originals = {rel: m.weight.data for rel, m in targets.items()}  # fp32: the pass may run on bf16 copies
+    parts: dict[str, QTensor] = {}
+
+    def quantize(group: list[str], stats: InputStats) -> None:
+        if not stats.finite():  # a bf16 overflow: the two-pass way redoes the statistics in fp32
+            raise NotSequential(f"the input statistics of {group[0]} are not finite")
+        first = group[0]
+        weight = torch.cat([originals[rel] for rel in group]) if len(group) > 1 else originals[first]
+        spec, extra = method_inputs(run.quantizer, run.transforms, stats, run.recipe, specs[first], run.compute_dtype)
+        qt = run.method(weight, spec, name=block_prefix + first + ".weight", **extra)
+        for rel, part in zip(group, split_rows(qt, [originals[rel].shape[0] for rel in group])):
+            parts[rel] = part
+            targets[rel].weight.data = dequantize(part).to(targets[rel].weight.dtype)
+
+    def new_stats(features: int) -> InputStats:
+        return InputStats(features, want_hessian=True, product_dtype=run.compute_dtype, want_abs=False)
+
+    try:
+        with torch.no_grad(), computing_in(block, run.compute_dtype) as cast:
+            batches = list(cast(inputs))
+            key = (type(block), tuple(targets))
+            if key not in run.traces:  # blocks of one class call their linears alike; each run checks it again
+                run.traces[key] = trace_calls(block, targets, batches[0])
+            calls = run.traces[key]
+            if calls is None:
+                return None
+            order = sorted(targets, key=lambda rel: list(calls).index(rel))
+            inputs_of: dict[int, object] = {}
+            same_input = {rel: inputs_of.setdefault(calls[rel], object()) for rel in order}
+            groups = stackable_groups({rel: targets[rel] for rel in order}, same_input, specs)
+            hidden = run_sequential(block, batches, targets, groups, new_stats, quantize)
+    except NotSequential as why:
+        log.debug("block %d runs in two passes: %s", index, why)
+        return None
+    finally:
+        for rel, module in targets.items():
+            module.weight.data = originals[rel]
+    with torch.no_grad():
+        for rel, part in parts.items():
+            targets[rel].weight.data.copy_(dequantize(part).to(originals[rel].dtype))
+            run.result.qtensors[block_prefix + rel + ".weight"] = part
+    outputs = as_float32([BlockInput(h, {}) for h in hidden], inputs)
+    return _propagate(block, inputs, run.compute_dtype, index, block_prefix, run.result, outputs=outputs)
 
 
 def _save(run: _Run, state: BlockState, block: nn.Module, index: int, block_prefix: str,
@@ -289,13 +351,15 @@ def _observe(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[Block
 
 
 def _propagate(block: nn.Module, inputs: list[BlockInput], compute_dtype: torch.dtype, index: int,
-               block_prefix: str, result: QuantizedModel) -> list[BlockInput]:
+               block_prefix: str, result: QuantizedModel, outputs: list[BlockInput] | None = None) -> list[BlockInput]:
     """The quantized block's outputs (the next block's inputs); redone in fp32 if the bf16 pass overflowed.
 
+    ``outputs`` are the outputs of a pass already made in ``compute_dtype`` (only checked then).
     Outputs that are NaN/Inf in fp32 too are an error naming the first module inside the block that produced them.
     """
-    with computing_in(block, compute_dtype) as cast:
-        outputs = as_float32(run_block(block, cast(inputs)), inputs)
+    if outputs is None:
+        with computing_in(block, compute_dtype) as cast:
+            outputs = as_float32(run_block(block, cast(inputs)), inputs)
     finite = _finite_outputs(outputs)
     if compute_dtype != torch.float32 and not finite:
         _recompute_in_fp32(index, result, "outputs")
@@ -320,84 +384,6 @@ def _recompute_in_fp32(index: int, result: QuantizedModel, what: str) -> None:
         result.fp32_blocks.append(index)
     log.warning("lowbit: warning: block %d: bf16 calibration %s overflowed; recomputing this block in fp32",
                 index, what)
-
-
-def _stackable_groups(targets: dict[str, nn.Linear], stats: dict[str, InputStats], specs: dict) -> list[list[str]]:
-    """Targets grouped so that each group is quantized as one matrix with its rows stacked.
-
-    Rows are independent given the input statistics, so linears that read the same input (one shared
-    accumulator: q/k/v, gate/up) with the same row-wise spec give exactly the same codes stacked or not,
-    with fewer (GPTQ: column-loop) passes. Anything else is a group of one.
-    """
-    groups: dict[tuple, list[str]] = {}
-    for rel in targets:
-        spec = specs[rel]
-        row_wise = spec.granularity in ("channel", "group") and spec.scale_dtype in ("fp16", "bf16", "fp32")
-        key = (id(stats.get(rel)), spec) if row_wise and rel in stats else (rel,)
-        groups.setdefault(key, []).append(rel)
-    return list(groups.values())
-
-
-def _attach_activation_quantizer(module: nn.Linear, spec: ActivationSpec | None, stats: InputStats | None) -> None:
-    """Quantize this linear's input from now on: dynamic, or with a static scale from its observer."""
-    if spec is None:
-        return
-    scale = None
-    if not spec.dynamic:
-        threshold = get_range_observer(spec.observer)(stats.abs_sample(), int(max_code(spec)))
-        scale = torch.tensor(max(threshold, 1e-12) / max_code(spec))
-    attach_input_quantizer(module, spec, scale)
-
-
-def _method_inputs(quantizer: str, transforms: tuple[str, ...], stats: InputStats | None, recipe: Recipe,
-                   spec: QuantSpec) -> tuple[QuantSpec, dict[str, Any]]:
-    """The spec to use and the statistics the quantizer takes.
-
-    After AWQ, RTN runs AWQ's clipping step: an output-error (Hessian) clipping search, unless the recipe
-    says ``clip: false`` or the spec cannot take a search.
-    """
-    if stats is None:
-        return spec, {}
-    if quantizer == "gptq":
-        opts = recipe.options
-        return spec, {"hessian": stats.hessian(), "options": GPTQOptions(
-            damp=float(opts.get("damp", 0.01)), block_size=int(opts.get("block_size", 128)),
-            act_order=bool(opts.get("act_order", GPTQ_DEFAULT_OPTIONS["act_order"])),
-            static_groups=bool(opts.get("static_groups", False)),
-            clip_objective=str(opts.get("clip_objective", GPTQ_DEFAULT_OPTIONS["clip_objective"])))}
-    clip = "awq" in transforms and recipe.options.get("clip", True) and stats.xtx is not None
-    if clip and spec.granularity in ("channel", "group"):
-        try:
-            return spec.with_options(scale_search="mse"), {"hessian": stats.hessian()}
-        except LowbitError:
-            pass
-    return spec, {"importance": stats.importance() if stats.xtx is not None else None}
-
-
-def _apply_transforms(block: nn.Module, targets: dict[str, nn.Linear], stats: dict[str, InputStats],
-                      specs: dict, transforms: tuple[str, ...], recipe: Recipe, family: Family | None) -> None:
-    """Fold AWQ / SmoothQuant scales wherever the family's table entry says a producer feeds target linears
-    that share one input."""
-    if not transforms:
-        return
-    for mapping, producer, consumers in applicable_mappings(block, family.scale_pairs):
-        if not all(c in targets for c in mapping.consumers):
-            continue
-        shared = stats[mapping.consumers[0]]
-        if any(stats[c] is not shared for c in mapping.consumers):
-            continue
-        weights = [c.weight.data for c in consumers]
-        with torch.no_grad():
-            if "smoothquant" in transforms:
-                scales = smoothing_scales(shared.abs_max, weights, float(recipe.options.get("alpha", 0.5)))
-                fold_scales(producer, consumers, scales, family.norm_offset)
-                rescale_inputs(shared, scales)
-            if "awq" in transforms:
-                scales, alpha = search_scales(weights, shared.mean_abs(), shared.hessian(),
-                                              specs[mapping.consumers[0]], int(recipe.options.get("grid", 20)))
-                if alpha is not None:
-                    fold_scales(producer, consumers, scales, family.norm_offset)
-                    rescale_inputs(shared, scales)
 
 
 def _quantize_outside_blocks(model, chosen, result, recipe, handed_off: set[str]) -> None:
