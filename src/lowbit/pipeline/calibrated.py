@@ -27,6 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.qtensor import QTensor, split_rows
 from lowbit.formats.spec import QuantSpec
 from lowbit.formats.quantize import check_finite, dequantize
+from lowbit.hardware import steady_allocator
 from lowbit.methods import GPTQ_DEFAULT_OPTIONS, get_method, split_method
 from lowbit.model.apply import FLOAT_TORCH_DTYPES, QuantizedModel, cast_float_tensors, plan
 from lowbit.model.act_quant import InputQuantizer, attach_input_quantizer, input_quantizers
@@ -74,6 +75,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
     if sink is not None and source is None:
         raise ValueError("a block sink needs a streaming source (in memory, the model keeps every block anyway)")
     start = time.perf_counter()
+    if source is None:  # streaming is for tight memory: there the allocator keeps returning memory at once
+        steady_allocator()  # activations reused from the heap, not mapped afresh per op (lowbit.hardware)
     if source is not None:
         source.load_outside()  # embeddings, final norm, head: the first block's inputs need them
     for pname, param in model.named_parameters():

@@ -7,7 +7,8 @@ is the largest phase's sum:
 - in memory (not streamed), always the whole model in fp32 and its QTensors (one byte per code until packed),
   plus, *calibrating*: the activations entering and leaving a block, one batch's forward through it and its
   input statistics (GPTQ/AWQ Hessians, in_features² x 4 bytes per linear: an upper bound, linears sharing an
-  input share one); *quantizing* the largest weight: two fp32 working copies of it (the finiteness check and
+  input share one), the other batches paused inside the block by one-pass GPTQ (three hidden-sized tensors and
+  the widest linear input per token), and the free heap the allocator keeps (``steady_allocator``, 256 MB); *quantizing* the largest weight: two fp32 working copies of it (the finiteness check and
   round-to-nearest both make them); *writing*: the packed output; *evaluating*: three [length, vocab] fp32
   logits tensors;
 - streamed (``lowbit.model.streaming``): *capturing the first block's inputs*: the weights outside the blocks
@@ -30,6 +31,7 @@ from lowbit.errors import LowbitError
 
 RUNTIME_BYTES = 500 * 10**6
 FP32 = 4
+KEPT_HEAP_BYTES = 256 << 20  # free heap glibc keeps in an in-memory calibrated run (lowbit.hardware.steady_allocator)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def _in_memory_phases(model: ModelShape, run: RunShape) -> dict[str, tuple[tuple
     }
     if run.calibrated:
         phases["calibrating"] = (*held, ("calibration activations", 2 * _activations(model, run)),
-                                 *_block_work(model, run), *runtime)
+                                 *_block_work(model, run), ("heap kept by the allocator", KEPT_HEAP_BYTES), *runtime)
     if run.eval_length:
         phases["evaluating"] = (held[0], ("evaluation logits", 3 * run.eval_length * model.vocab * FP32), *runtime)
     return phases
@@ -139,7 +141,12 @@ def _block_work(model: ModelShape, run: RunShape) -> tuple[tuple[str, int], ...]
         widest = max(i for _, i in model.block_linears)
         largest = max(o * i for o, i in model.block_linears)
         stats = FP32 * (sum(i * i for _, i in model.block_linears) + 2 * widest * widest + largest)
-    return (("one batch's forward", forward), ("statistics", stats))
+    waiting = 0  # one-pass GPTQ (lowbit.pipeline.sequential): the other batches wait inside the block
+    if run.want_hessian and model.block_linears:
+        batches = -(-run.samples // batch)
+        widest_in = max(i for _, i in model.block_linears)
+        waiting = (batches - 1) * batch * run.length * FP32 * (3 * model.hidden + widest_in)
+    return (("one batch's forward", forward), ("statistics", stats), ("batches waiting in the block", waiting))
 
 
 def check_fits(estimate: MemoryEstimate, max_bytes: int, flag: str = "--max-memory",
