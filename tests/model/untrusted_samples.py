@@ -258,8 +258,9 @@ def one_line(message: str) -> bool:
 
 # ---- what lowbit does with a file from a user ----------------------------------------------------------------
 
-class CaseTimeout(Exception):
-    """A case ran past its time limit (a hang, as far as the fuzz tests are concerned)."""
+class CaseTimeout(BaseException):
+    """A case ran past its time limit (a hang, as far as the fuzz tests are concerned). A BaseException, so that
+    code under test that catches Exception (to turn it into a one-line error) cannot swallow it."""
 
 
 @contextlib.contextmanager
