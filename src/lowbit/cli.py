@@ -219,7 +219,8 @@ def _quantize_lowbit(args: argparse.Namespace) -> Path:
     if samples <= 0 or args.calib_length < 2 or args.calib_batch <= 0:
         raise LowbitError("--calib-samples and --calib-batch must be positive and --calib-length at least 2")
     method_options = {"act_order": args.act_order, "static_groups": args.static_groups or None,
-                      "true_sequential": args.true_sequential, "damp": args.damp, "grid": args.awq_grid, "alpha": args.alpha}
+                      "true_sequential": args.true_sequential, "damp": args.damp, "grid": args.awq_grid,
+                      "alpha": args.alpha}
     opts = QuantizeOptions(
         model=args.model, scheme=args.scheme, method=args.method or "rtn", group_size=args.group_size,
         symmetric=args.symmetric, scale_search=args.search, dtype=args.dtype, rules=tuple(args.rule),

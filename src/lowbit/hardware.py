@@ -21,6 +21,7 @@ def cpu_has_bf16() -> bool:
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+KEPT_HEAP_BYTES = 256 << 20  # free heap the steady allocator keeps (its trim threshold; memory estimates add it)
 _steady = False
 
 
@@ -42,7 +43,7 @@ def steady_allocator() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = all(libc.mallopt(param, value) == 1 for param, value in (
-            (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 256 << 20), (_M_ARENA_MAX, 1)))
+            (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, KEPT_HEAP_BYTES), (_M_ARENA_MAX, 1)))
     except (OSError, AttributeError):
         return False
     _steady = ok

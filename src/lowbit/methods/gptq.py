@@ -20,10 +20,10 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import blocks
+from lowbit.formats.integer import IntegerFormat
 from lowbit.formats.qtensor import QTensor
 from lowbit.formats.quantize import check_finite, global_scale_of
 from lowbit.formats.scales import scale_values
-from lowbit.formats.integer import IntegerFormat
 from lowbit.formats.registry import get_format
 from lowbit.formats.scale_search import search_params
 from lowbit.formats.spec import QuantSpec

@@ -73,7 +73,8 @@ class InputStats:
         return self.xtx.diagonal() / max(self.count, 1)
 
 
-GRAM_CHUNK = 192  # fewest columns per block of X^T X: small enough to skip most of the lower half, large enough for fast GEMMs
+GRAM_CHUNK = 192  # fewest columns per block of X^T X: small enough to skip most of the lower half, big enough for
+# fast GEMMs
 
 
 def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:

@@ -77,7 +77,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
     start = time.perf_counter()
     if source is None:  # streaming is for tight memory: there the allocator keeps returning memory at once
         steady_allocator()  # activations reused from the heap, not mapped afresh per op (lowbit.hardware)
-    if source is not None:
+    else:
         source.load_outside()  # embeddings, final norm, head: the first block's inputs need them
     for pname, param in model.named_parameters():
         if not param.is_meta:
@@ -214,7 +214,7 @@ def _quantize_sequential(run: _Run, block: nn.Module, index: int, block_prefix: 
     ones seeing the earlier ones quantized (``lowbit.pipeline.sequential``); returns its outputs, or None when
     the block does not call its linears once each in a fixed order (then nothing was changed)."""
     originals = {rel: m.weight.data for rel, m in targets.items()}  # fp32: the pass may run on bf16 copies
-    parts: dict[str, QTensor] = {}
+    parts: dict[str, tuple[QTensor, torch.Tensor]] = {}  # name -> (QTensor, its dequantized fp32 weight)
 
     def quantize(group: list[str], stats: InputStats) -> None:
         if not stats.finite():  # a bf16 overflow: the two-pass way redoes the statistics in fp32
@@ -224,8 +224,8 @@ def _quantize_sequential(run: _Run, block: nn.Module, index: int, block_prefix: 
         spec, extra = method_inputs(run.quantizer, run.transforms, stats, run.recipe, specs[first], run.compute_dtype)
         qt = run.method(weight, spec, name=block_prefix + first + ".weight", **extra)
         for rel, part in zip(group, split_rows(qt, [originals[rel].shape[0] for rel in group])):
-            parts[rel] = part
-            targets[rel].weight.data = dequantize(part).to(targets[rel].weight.dtype)
+            parts[rel] = part, dequantize(part)
+            targets[rel].weight.data = parts[rel][1].to(targets[rel].weight.dtype)
 
     def new_stats(features: int) -> InputStats:
         return InputStats(features, want_hessian=True, product_dtype=run.compute_dtype, want_abs=False)
@@ -239,10 +239,9 @@ def _quantize_sequential(run: _Run, block: nn.Module, index: int, block_prefix: 
             calls = run.traces[key]
             if calls is None:
                 return None
-            order = sorted(targets, key=lambda rel: list(calls).index(rel))
-            inputs_of: dict[int, object] = {}
-            same_input = {rel: inputs_of.setdefault(calls[rel], object()) for rel in order}
-            groups = stackable_groups({rel: targets[rel] for rel in order}, same_input, specs)
+            inputs_of: dict[int, object] = {}  # calls: every target, in call order
+            same_input = {rel: inputs_of.setdefault(calls[rel], object()) for rel in calls}
+            groups = stackable_groups({rel: targets[rel] for rel in calls}, same_input, specs)
             hidden = run_sequential(block, batches, targets, groups, new_stats, quantize)
     except NotSequential as why:
         log.debug("block %d runs in two passes: %s", index, why)
@@ -251,8 +250,8 @@ def _quantize_sequential(run: _Run, block: nn.Module, index: int, block_prefix: 
         for rel, module in targets.items():
             module.weight.data = originals[rel]
     with torch.no_grad():
-        for rel, part in parts.items():
-            targets[rel].weight.data.copy_(dequantize(part).to(originals[rel].dtype))
+        for rel, (part, weight) in parts.items():
+            targets[rel].weight.data.copy_(weight.to(originals[rel].dtype))
             run.result.qtensors[block_prefix + rel + ".weight"] = part
     outputs = as_float32([BlockInput(h, {}) for h in hidden], inputs)
     return _propagate(block, inputs, run.compute_dtype, index, block_prefix, run.result, outputs=outputs)

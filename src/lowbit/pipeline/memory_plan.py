@@ -8,8 +8,9 @@ is the largest phase's sum:
   plus, *calibrating*: the activations entering and leaving a block, one batch's forward through it and its
   input statistics (GPTQ/AWQ Hessians, in_features² x 4 bytes per linear: an upper bound, linears sharing an
   input share one), the other batches paused inside the block by one-pass GPTQ (three hidden-sized tensors and
-  the widest linear input per token), and the free heap the allocator keeps (``steady_allocator``, 256 MB); *quantizing* the largest weight: two fp32 working copies of it (the finiteness check and
-  round-to-nearest both make them); *writing*: the packed output; *evaluating*: three [length, vocab] fp32
+  the widest linear input per token), and the free heap the allocator keeps (``steady_allocator``, 256 MB);
+  *quantizing* the largest weight: two fp32 working copies of it (the finiteness check and round-to-nearest both
+  make them); *writing*: the packed output; *evaluating*: three [length, vocab] fp32
   logits tensors;
 - streamed (``lowbit.model.streaming``): *capturing the first block's inputs*: the weights outside the blocks
   (embeddings, final norm, head) in fp32 and the activations; *in the blocks*: the largest block in fp32, the
@@ -28,10 +29,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.hardware import KEPT_HEAP_BYTES
 
 RUNTIME_BYTES = 500 * 10**6
 FP32 = 4
-KEPT_HEAP_BYTES = 256 << 20  # free heap glibc keeps in an in-memory calibrated run (lowbit.hardware.steady_allocator)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ def observe_block(block: nn.Module, targets: dict[str, nn.Linear], inputs: Itera
             alive.append(x)
             if name not in stats:
                 if id(x) not in by_input:
-                    by_input[id(x)] = InputStats(x.shape[-1], want_hessian, sample_rows, hessian_dtype, want_abs=want_abs)
+                    by_input[id(x)] = InputStats(x.shape[-1], want_hessian, sample_rows, hessian_dtype,
+                                                 want_abs=want_abs)
                 stats[name] = by_input[id(x)]
             acc = stats[name]
             if id(acc) not in seen_in_batch:  # a shared accumulator takes each batch once

@@ -94,8 +94,8 @@ class _Turns:
             self._cond.wait_for(lambda: self._holder == me)
 
 
-def run_sequential(block: nn.Module, batches: list[BlockInput], targets: dict[str, nn.Module],
-                   groups: list[list[str]], new_stats: Callable[[int], Any], quantize: QuantizeGroup) -> list[torch.Tensor]:
+def run_sequential(block: nn.Module, batches: list[BlockInput], targets: dict[str, nn.Module], groups: list[list[str]],
+                   new_stats: Callable[[int], Any], quantize: QuantizeGroup) -> list[torch.Tensor]:
     """Every batch through ``block`` once, each group of ``groups`` (target names in call order, groups in call
     order) quantized by ``quantize`` when every batch has added its input to the group's statistics
     (``new_stats(features)``, updated with ``.update(x)``); returns each batch's output hidden states.
