@@ -65,3 +65,17 @@ def test_unreachable_target_and_bad_candidate(qwen2, tmp_path, monkeypatch, caps
     assert _export(folder, tmp_path / "y.gguf", "--target-bpw", "4", "--candidates", "Q4_K,Q9_9") == 2
     assert "Q9_9" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_i_quants_join_the_allocation(llama, tmp_path, monkeypatch, capsys):
+    """i-quant types are candidates like the others: a 3-bits-per-weight budget over IQ2_XS / IQ3_S / IQ4_XS / Q6_K
+    puts i-quants on the linears, stays within the budget, and llama.cpp loads and evaluates the file."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "iq.gguf"
+    assert _export(llama, out, "--type", "IQ3_S", "--target-bpw", "3.2", "--eval",
+                   "--candidates", "IQ2_XS,IQ3_S,IQ4_XS,Q6_K") == 0
+    summary = json.loads(capsys.readouterr().out)
+    linears = {n: t for n, t in summary["per_tensor_types"].items() if n.startswith("blk.")}
+    assert {t for t in linears.values() if t != "F32"} & {"IQ2_XS", "IQ3_S", "IQ4_XS"}
+    assert summary["allocation"]["predicted_kld"] > 0
+    assert summary["eval"]["kld"] >= 0 and summary["eval"]["top1"] > 0

@@ -16,7 +16,7 @@ from gguf import quants
 from lowbit.errors import LowbitError
 from lowbit.gguf.blocks import get_block_type
 from lowbit.gguf.iquants_grid import LatticeCode
-from lowbit.gguf.mixes import choose_type, get_mix
+from lowbit.gguf.mixes import NEED_IMATRIX, choose_type, get_mix
 from tests.gguf.test_iquants import _ggml_quantizer, _importance, _role, _rows, _weighted_error
 from tests.gguf.test_iquants import gqa4_llama  # noqa: F401  (the 8-layer n_gqa-4 Llama fixture)
 
@@ -24,6 +24,7 @@ F32 = np.float32
 IQ3 = ["IQ3_XXS", "IQ3_S"]
 LATTICE = IQ3 + ["IQ2_XXS"]
 IQ3_MIXES = ["IQ3_XS", "IQ3_S", "IQ3_M"]
+LOW_MIXES = ["IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]  # llama.cpp wants an imatrix
 
 
 def test_grids_are_gguf_py_s():
@@ -238,29 +239,39 @@ def _llama_quantize_types(llama_cpp, f32: Path, out: Path, file_type: int, dry_r
     return {m[1]: (m[3] or m[2]).upper() for m in found if m}
 
 
-@pytest.mark.parametrize("mix_name", IQ3_MIXES + ["IQ2_XXS"])
+@pytest.mark.parametrize("mix_name", IQ3_MIXES + LOW_MIXES)
 def test_mix_is_what_llama_quantize_writes(tmp_path, gqa4_llama, mix_name):
     """llama.cpp's own llama-quantize (through llama-cpp-python) on lowbit's F32 file gives every tensor the type
-    lowbit's mix gives it, fallbacks included. llama.cpp refuses IQ3_XS (its IQ3_XXS tensors) and IQ2_XXS without
-    an importance matrix, which llama-cpp-python cannot pass, so for every mix the types are read from a dry run's
-    log; IQ3_S and IQ3_M are also written, and the file sizes match."""
+    lowbit's mix gives it, fallbacks included. llama-cpp-python cannot pass an importance matrix, and llama.cpp
+    refuses IQ3_XXS, IQ2_* and IQ1_* tensors without one, so the types are read from a dry run's log (its choices
+    without an imatrix) and compared with lowbit's plan for the same case. Mixes without such tensors are also
+    written by both sides, with equal types and sizes; lowbit's ``--method rtn`` refuses the types llama.cpp
+    calls garbage without an imatrix."""
     import gguf
 
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from lowbit.export.gguf import GGUFExportOptions, export_gguf
+    from lowbit.gguf.plan import planned_tensors
+    from lowbit.model.load import load_model
 
     f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "lowbit.gguf", tmp_path / "llama.gguf"
     export_gguf(GGUFExportOptions(model=str(gqa4_llama), type="F32", out=str(f32), method="rtn"), progress=False)
-    summary = export_gguf(GGUFExportOptions(model=str(gqa4_llama), type=mix_name, out=str(ours), method="rtn"),
-                          progress=False)
-    mine = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(ours)).tensors}
+    planned = {p.name: p.choice for p in planned_tensors(load_model(str(gqa4_llama)), get_mix(mix_name))}
+    mine = {name: choice.type for name, choice in planned.items()}
     file_type = int(gguf.LlamaFileType[f"MOSTLY_{mix_name}"])
     assert _llama_quantize_types(llama_cpp, f32, theirs, file_type, dry_run=True) == mine
-    assert mine["blk.0.attn_v.weight"] == "Q4_K"
-    default = get_mix(mix_name).default
-    assert summary["fallbacks"]["blk.1.ffn_down.weight"] == f"{default}->IQ4_NL"
-    assert ("IQ3_XXS" in mine.values()) == (mix_name == "IQ3_XS") and default in mine.values()
-    if mix_name not in ("IQ3_XS", "IQ2_XXS"):
+    assert mine["blk.0.attn_v.weight"] == "Q4_K" and planned["blk.1.ffn_down.weight"].fell_back
+    assert ("IQ3_XXS" in mine.values()) == (mix_name in ("IQ3_XS", "IQ3_XXS"))
+    rtn = GGUFExportOptions(model=str(gqa4_llama), type=mix_name, out=str(ours), method="rtn")
+    if set(mine.values()) & set(NEED_IMATRIX):
+        with pytest.raises(LowbitError, match="need an importance matrix"):
+            export_gguf(rtn, progress=False)
+        assert not ours.exists()
+        return
+    summary = export_gguf(rtn, progress=False)
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(ours)).tensors} == mine
+    assert summary["fallbacks"]["blk.1.ffn_down.weight"] == f"{planned['blk.1.ffn_down.weight'].wanted}->IQ4_NL"
+    if "IQ3_XXS" not in mine.values():
         _llama_quantize_types(llama_cpp, f32, theirs, file_type, dry_run=False)
         assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(theirs)).tensors} == mine
         assert ours.stat().st_size == pytest.approx(theirs.stat().st_size, rel=0.01)

@@ -72,3 +72,49 @@ def test_iq3_mixes_on_smollm2_shapes(mix_name):
     assert choose_type(mix, _role("blk.2.ffn_down.weight", 1536, 2)).type == ("Q4_K" if m else "IQ3_S")
     assert choose_type(mix, _role("blk.3.ffn_down.weight", 1536, 3)).type == "IQ3_S"
     assert choose_type(mix, _role("token_embd.weight", 576)).type == "Q8_0"
+
+
+def test_rules_that_depend_on_an_importance_matrix():
+    """llama_tensor_get_type's imatrix-dependent rules (llama-quant.cpp): with an imatrix IQ3_XXS keeps attn_v and
+    ffn_down on IQ3_XXS (without: IQ3_S; Q4_K / Q3_K), IQ4's first ffn_down layers are not bumped to Q5_K, and
+    Q4_0 / Q5_0 put the first eighth of ffn_down on Q4_1 / Q5_1."""
+    role = dict(n_layers=16, n_gqa=2, tied_embeddings=False)
+    for imatrix in (False, True):
+        xxs = get_mix("IQ3_XXS", imatrix=imatrix)
+        assert choose_type(xxs, _role("blk.3.attn_v.weight", 256, 3, **role)).type == ("IQ3_XXS" if imatrix else "IQ3_S")
+        assert choose_type(xxs, _role("blk.0.ffn_down.weight", 512, 0, **role)).type == ("IQ3_XXS" if imatrix else "Q4_K")
+        assert choose_type(xxs, _role("blk.5.ffn_down.weight", 512, 5, **role)).type == ("IQ3_XXS" if imatrix else "Q3_K")
+        assert choose_type(get_mix("IQ4_XS", imatrix), _role("blk.0.ffn_down.weight", 512, 0, **role)).type == (
+            "IQ4_XS" if imatrix else "Q5_K")
+        assert choose_type(get_mix("Q4_0", imatrix), _role("blk.1.ffn_down.weight", 512, 1, **role)).type == (
+            "Q4_1" if imatrix else "Q4_0")
+        assert choose_type(get_mix("Q5_0", imatrix), _role("blk.2.ffn_down.weight", 512, 2, **role)).type == "Q5_0"
+        assert choose_type(get_mix("Q4_K_M", imatrix), _role("blk.0.ffn_down.weight", 512, 0, **role)).type == "Q6_K"
+
+
+def test_low_bit_i_quant_mixes():
+    """IQ2_* / IQ1_* / IQ3_XXS (llama.cpp's very-low-bit branch): IQ2_S's default type is IQ2_XS and IQ2_M's IQ2_S;
+    attn_v, the first eighth of ffn_down and attn_output get IQ3_S under IQ2_S / IQ2_M, Q2_K (attn_v, ffn_down) and
+    IQ2_XXS (attn_output, IQ1_*) otherwise; IQ3_XXS puts attn_q / attn_k on IQ2_S and attn_output on IQ3_S;
+    the output takes Q5_K, an untied token_embd Q2_K or IQ3_S."""
+    role = dict(n_layers=16, n_gqa=2, tied_embeddings=False)
+    assert (get_mix("IQ2_S").default, get_mix("IQ2_M").default) == ("IQ2_XS", "IQ2_S")
+    expect = {  # mix: attn_v, ffn_down (layer 0), ffn_down (layer 5), attn_output, attn_q, token_embd
+        "IQ2_M": ("IQ3_S", "IQ3_S", "IQ2_S", "IQ3_S", "IQ2_S", "IQ3_S"),
+        "IQ2_S": ("IQ3_S", "IQ3_S", "IQ2_XS", "IQ3_S", "IQ2_XS", "IQ3_S"),
+        "IQ2_XS": ("Q2_K", "Q2_K", "IQ2_XS", "IQ2_XS", "IQ2_XS", "Q2_K"),
+        "IQ1_M": ("Q2_K", "Q2_K", "IQ1_M", "IQ2_XXS", "IQ1_M", "Q2_K"),
+        "IQ1_S": ("Q2_K", "Q2_K", "IQ1_S", "IQ2_XXS", "IQ1_S", "Q2_K"),
+        "IQ3_XXS": ("IQ3_XXS", "IQ3_XXS", "IQ3_XXS", "IQ3_S", "IQ2_S", "IQ3_S"),
+    }
+    for name, types in expect.items():
+        mix = get_mix(name, imatrix=True)
+        got = tuple(choose_type(mix, _role(t, 256 if "attn" in t else 512, layer, **role)).type for t, layer in (
+            ("blk.3.attn_v.weight", 3), ("blk.0.ffn_down.weight", 0), ("blk.5.ffn_down.weight", 5),
+            ("blk.3.attn_output.weight", 3), ("blk.3.attn_q.weight", 3), ("token_embd.weight", None)))
+        assert got == types, name
+        assert choose_type(mix, _role("output.weight", 256, **role)).type == "Q5_K"
+        assert choose_type(mix, _role("blk.3.attn_v.weight", 256, 3, n_layers=16, n_gqa=4,
+                                      tied_embeddings=False)).type == "Q4_K"
+        wide = choose_type(mix, _role("blk.5.ffn_up.weight", 96, 5, **role))
+        assert wide.type == "IQ4_NL" and wide.fell_back

@@ -21,7 +21,12 @@ from lowbit.formats.spec import QuantSpec, parse_spec
 
 KEEP = "keep"
 FLOAT_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
-GGUF_CANDIDATES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16")
+# The default GGUF candidates: legacy, k-quant and IQ4 types (fast to measure on every tensor) and F16.
+GGUF_CANDIDATES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS",
+                   "F16")
+# Also offered when asked for (--candidates): the lattice and ternary i-quants, whose exhaustive searches cost
+# 2-6 s per million weights each, too slow to try on every tensor by default.
+GGUF_OPTIONAL = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ2_0", "TQ1_0", "MXFP4")
 GGUF_PROBE = "Q3_K"
 
 
@@ -86,7 +91,8 @@ def _gguf_block(type_name: str) -> tuple[int, int]:
     try:
         return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
     except KeyError:
-        raise LowbitError(f"unknown GGUF type {type_name!r}; candidates are {', '.join(GGUF_CANDIDATES)}") from None
+        raise LowbitError(f"unknown GGUF type {type_name!r}; candidates are "
+                          f"{', '.join(GGUF_CANDIDATES + GGUF_OPTIONAL)}") from None
 
 
 def parse_candidate(text: str, gguf: bool = False, float_dtype: str = "fp16") -> Candidate:
@@ -94,8 +100,8 @@ def parse_candidate(text: str, gguf: bool = False, float_dtype: str = "fp16") ->
     text = text.strip()
     if gguf:
         name = text.upper()
-        if name not in GGUF_CANDIDATES:
-            raise LowbitError(f"GGUF candidate {text!r} is not one of {', '.join(GGUF_CANDIDATES)}")
+        if name not in GGUF_CANDIDATES + GGUF_OPTIONAL:
+            raise LowbitError(f"GGUF candidate {text!r} is not one of {', '.join(GGUF_CANDIDATES + GGUF_OPTIONAL)}")
         return Candidate(name, gguf_type=name)
     if text.lower() in (KEEP, "float", "fp16", "bf16"):
         return Candidate(KEEP, float_bits=FLOAT_BITS[float_dtype])
@@ -108,7 +114,7 @@ DEFAULT_GROUPS = (128, 64, 32)
 
 def default_candidates(group_size: int | None, symmetric: bool | None, gguf: bool) -> tuple[str, ...]:
     """int2..int6 in groups of 128, 64 and 32 (or only the user's --group-size), asymmetric unless --sym, plus
-    int8 per channel and keep; or, for GGUF, the legacy and k-quant types and F16. Group sizes are choices too:
+    int8 per channel and keep; or, for GGUF, the legacy, k-quant and IQ4 types and F16. Group sizes are choices too:
     a 3-bit layer in groups of 64 can beat a mix of 3 and 4 bits in groups of 128 at the same size."""
     if gguf:
         return GGUF_CANDIDATES

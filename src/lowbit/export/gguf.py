@@ -21,7 +21,7 @@ from lowbit.gguf.arch import Architecture, HParams, get_architecture
 from lowbit.gguf.calibrate import Calibration
 from lowbit.gguf.convert import (FLOAT_TYPES, METHODS, GGUFExportOptions, all_targets, calibrate,
                                  calibration_targets, encode_tensor, gguf_tensors, statistics)
-from lowbit.gguf.mixes import Choice, Mix, get_mix
+from lowbit.gguf.mixes import NEED_IMATRIX, Choice, Mix, get_mix
 from lowbit.gguf.plan import planned_tensors, resolve_plan, tensor_bytes
 from lowbit.gguf.tokenizer import tokenizer_metadata
 from lowbit.io_utils import atomic_file
@@ -74,7 +74,7 @@ def overhead_bytes(opts: GGUFExportOptions, loaded: LoadedModel | None = None) -
     import gguf
 
     loaded = loaded or load_model(opts.model)
-    mix = get_mix(opts.type)
+    mix = file_mix(opts)
     arch = get_architecture(loaded.model)
     hp = arch.hparams(loaded.model.config)
     planned = planned_tensors(loaded, mix, opts.types)
@@ -96,6 +96,20 @@ def overhead_bytes(opts: GGUFExportOptions, loaded: LoadedModel | None = None) -
     return gguf.GGUFWriter.ggml_pad(head, align) + padded
 
 
+def file_mix(opts: GGUFExportOptions) -> Mix:
+    """The mix ``opts.type`` names, choosing per tensor as llama-quantize does with an importance matrix when the
+    method calibrates (imatrix, gptq) and without one for ``rtn``."""
+    return get_mix(opts.type, imatrix=opts.method != "rtn")
+
+
+def _check_importance(plan: dict[str, Choice], method: str) -> None:
+    """llama-quantize refuses the lowest-bit i-quants without an importance matrix; so does ``--method rtn``."""
+    needy = sorted({c.type for c in plan.values() if c.type in NEED_IMATRIX})
+    if method == "rtn" and needy:
+        raise LowbitError(f"{', '.join(needy)} need an importance matrix (llama.cpp calls them garbage without one): "
+                          "use --method imatrix (calibrates on --calib-text) or --method gptq")
+
+
 def default_out(opts: GGUFExportOptions, mix: Mix) -> Path:
     model = Path(opts.model).stem if opts.model else "smollm2"
     return Path("out") / f"{model.lower()}-{mix.name}-{opts.method}.gguf"
@@ -107,7 +121,7 @@ def export_gguf(opts: GGUFExportOptions, progress: bool = True, loaded: LoadedMo
     fallbacks, seconds). ``opts.types`` overrides the mix per tensor (checked before any calibration or
     quantization). ``loaded`` and ``calibration`` let a caller that writes many files load and calibrate once."""
     t0 = time.perf_counter()
-    mix = get_mix(opts.type)
+    mix = file_mix(opts)
     if opts.method not in METHODS:
         raise LowbitError(f"unknown GGUF method {opts.method!r}; choose one of {', '.join(METHODS)}")
     if opts.method == "rtn" and opts.imatrix:
@@ -126,6 +140,7 @@ def export_gguf(opts: GGUFExportOptions, progress: bool = True, loaded: LoadedMo
     meta = tokenizer_metadata(Path(loaded.source), loaded.tokenizer, hp.vocab_size)
     tensors = gguf_tensors(loaded.model, arch, hp)
     plan = resolve_plan(mix, {t.name: t.data.shape for t in tensors}, hp, opts.types)
+    _check_importance(plan, opts.method)
     columns = {t.name: t.data.shape[-1] for t in tensors if t.data.ndim == 2 and plan[t.name].type not in FLOAT_TYPES}
     targets = calibration_targets(tensors, hp, plan)
     t1 = time.perf_counter()

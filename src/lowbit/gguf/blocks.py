@@ -1,6 +1,6 @@
 """The GGUF block types lowbit writes, one small class each, registered by name when defined.
 
-A block type turns float32 rows into the bytes llama.cpp reads. Integer types expose three steps so the
+A block type turns float32 rows into the bytes llama.cpp reads. Types with ``feedback`` expose three steps so the
 error-feedback rounding (``lowbit.gguf.feedback``) can interleave them: ``fit`` chooses the stored scales
 (optionally weighted by an importance matrix) and returns the resulting :class:`~lowbit.gguf.grid.Grid`;
 ``Grid.nearest`` rounds onto it (``reference_codes``: ggml's exact rounding); ``pack`` lays header and codes out as llama.cpp's C structs. ``quantize`` does
@@ -30,7 +30,7 @@ class BlockType:
     ggml: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
-    affine: ClassVar[bool] = False  # True when fit/codes/pack exist (error feedback can round onto it)
+    feedback: ClassVar[bool] = False  # True when quantize_with_feedback works (fit/pack, or a lattice's own)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -44,7 +44,16 @@ class BlockType:
     @classmethod
     def fit(cls, x: np.ndarray, w: np.ndarray | None = None) -> Grid:
         """The grid (stored scales) for blocks ``x`` (n_blocks, block_size); ``w`` weights the error."""
-        raise NotImplementedError(f"{cls.name} has no affine grid")
+        raise NotImplementedError(f"{cls.name} has no grid for error feedback")
+
+    @classmethod
+    def quantize_with_feedback(cls, rows: np.ndarray, hessian: np.ndarray, importance: np.ndarray | None,
+                               damp: float) -> np.ndarray:
+        """Rows (n, k) -> bytes with GPTQ error feedback through ``hessian`` (k, k): column by column onto the
+        grid ``fit`` chooses (``lowbit.gguf.feedback``); the lattice types round a group of columns at a time."""
+        from lowbit.gguf.feedback import feedback_quantize
+
+        return feedback_quantize(rows, hessian, cls, importance, damp=damp)
 
     @classmethod
     def reference_codes(cls, x: np.ndarray, grid: Grid) -> np.ndarray:
@@ -121,4 +130,5 @@ def get_block_type(name: str) -> type[BlockType]:
 
 def _load_all() -> None:
     # The modules register their classes on import; importing them here keeps the registry complete.
-    from lowbit.gguf import iquants, iquants_grid, kquants, legacy, mxfp4, ternary  # noqa: F401
+    from lowbit.gguf import (  # noqa: F401
+        iquants, iquants_grid, iquants_iq1, iquants_iq2, kquants, legacy, mxfp4, ternary)

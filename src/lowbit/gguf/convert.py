@@ -18,7 +18,6 @@ from lowbit.errors import LowbitError
 from lowbit.gguf.arch import Architecture, HParams, get_architecture, layer_of
 from lowbit.gguf.blocks import ROW_SLICE_ELEMENTS, get_block_type
 from lowbit.gguf.calibrate import Calibration, collect
-from lowbit.gguf.feedback import feedback_quantize
 from lowbit.gguf.imatrix import check_imatrix, read_imatrix, write_imatrix
 from lowbit.gguf.mixes import FLOAT_TYPES, Choice, Mix, TensorRole, choose_type, is_quantizable
 from lowbit.model.conv1d import linearize_conv1d
@@ -167,9 +166,9 @@ def encode_tensor(t: FloatTensor, choice: Choice, method: str, imatrix: dict | N
         return data.reshape(t.data.shape) if t.data.ndim < 2 else data
     imp = imatrix.get(t.name) if imatrix else None
     h = hessians.get(t.name) if hessians else None
-    if method == "gptq" and block.affine and h is not None:
+    if method == "gptq" and block.feedback and h is not None:
         # rows are independent given H: slices of rows bound the float64 temporaries of a 262k-row embedding
         step = max(1, ROW_SLICE_ELEMENTS // t.data.shape[1])
-        return np.concatenate([feedback_quantize(t.data[i:i + step], h, block, imp, damp=damp)
+        return np.concatenate([block.quantize_with_feedback(t.data[i:i + step], h, imp, damp)
                                for i in range(0, t.data.shape[0], step)])
     return block.quantize(t.data, imp)

@@ -4,6 +4,7 @@ Columns are rounded in order; each column's rounding error is spread over the no
 the inverse Hessian of the layer's inputs (H = sum x x^T), so the layer's *output* error is what gets minimised.
 The grid of each block (its stored scales) is fitted, importance-weighted, on the error-corrected weights just
 before the block's columns are rounded; the codes therefore always lie on a grid llama.cpp decodes unchanged.
+The grid is affine (integer codes: legacy, k-quant, ternary types) or a scaled codebook (the IQ4 types).
 Pure tensor math: weights, Hessian, block type in; GGUF bytes out.
 """
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from lowbit.gguf.blocks import BlockType
-from lowbit.gguf.grid import Grid
+from lowbit.gguf.grid import Grid, nearest_level
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,10 +34,16 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     raise RuntimeError("Hessian is not positive definite even with heavy damping")
 
 
-def _round_column(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int) -> torch.Tensor:
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round((w - offset) / safe).clamp_(0, qmax)
-    return torch.where(scale == 0, torch.zeros_like(q), q)
+def _round_column(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, grid: Grid
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of the grid points nearest to ``w`` (one column) and their values. Where the scale is 0 every code
+    gives the same value; those elements get the code of the level nearest 0 (0 on an affine grid)."""
+    v = torch.where(scale == 0, torch.zeros_like(w), (w - offset) / torch.where(scale == 0, 1.0, scale))
+    if grid.levels is None:
+        q = torch.round(v).clamp_(0, grid.qmax)
+        return q, scale * q + offset
+    q = torch.from_numpy(nearest_level(grid.levels, v.numpy()).astype(np.int64))
+    return q, scale * torch.from_numpy(grid.levels)[q] + offset
 
 
 def feedback_quantize(weight: np.ndarray, hessian: np.ndarray, block: type[BlockType],
@@ -75,8 +82,8 @@ def _feedback_group(w1: torch.Tensor, err1: torch.Tensor, hinv1: torch.Tensor, g
     for j in range(bs):
         i = g0 + j
         col = w1[:, i]
-        q = _round_column(col, scale[:, j], offset[:, j], grid.qmax)
-        e = (col - (scale[:, j] * q + offset[:, j])) / hinv1[i, i]
+        q, value = _round_column(col, scale[:, j], offset[:, j], grid)
+        e = (col - value) / hinv1[i, i]
         w1[:, i + 1:] -= e[:, None] * hinv1[i, i + 1:][None, :]
         err1[:, i] = e
         codes[:, j] = q

@@ -1,5 +1,6 @@
-"""Shared pieces of the GGUF block encoders: the affine grid every integer block type rounds onto,
-C-compatible rounding, and the weighted scale search the importance matrix drives.
+"""Shared pieces of the GGUF block encoders: the grid every block type with error feedback rounds onto (affine
+integer codes, or a scaled codebook), C-compatible rounding, and the weighted scale search the importance matrix
+drives.
 
 All numeric work is float32 numpy, like ggml's reference C code, so the reference paths can be byte-identical.
 """
@@ -15,24 +16,31 @@ F32 = np.float32
 
 @dataclass(frozen=True)
 class Grid:
-    """Where each element of a set of blocks may land: ``value = scale * code + offset`` with integer
-    ``code`` in ``0..qmax``; ``header`` holds the type's stored fields (fp16 scales, packed sub-scales...)."""
+    """Where each element of a set of blocks may land: ``value = scale * level[code] + offset``, ``code`` in
+    ``0..qmax``. The levels are the integers ``0..qmax`` (an affine grid) unless ``levels`` names a codebook
+    (ascending float32, ``qmax + 1`` of them: the IQ4 types). ``header`` holds the type's stored fields (fp16
+    scales, packed sub-scales...)."""
 
     scale: np.ndarray   # (n_blocks, block_size) float32
     offset: np.ndarray  # (n_blocks, block_size) float32
     qmax: int
     header: dict[str, np.ndarray]
+    levels: np.ndarray | None = None
 
     def nearest(self, x: np.ndarray) -> np.ndarray:
-        """Codes of the grid points nearest to ``x`` (elements whose scale is 0 get the code of value 0 or 0)."""
+        """Codes of the grid points nearest to ``x``. Where the scale is 0 every code gives one value: affine
+        grids take the code of value 0 (or 0), codebooks the level nearest 0."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = nearest_int((x - self.offset) / self.scale)
-        q = np.where(self.scale == 0, _zero_code(self), q)
+            v = (x - self.offset) / self.scale
+        if self.levels is not None:
+            return nearest_level(self.levels, np.where(self.scale == 0, F32(0), v))
+        q = np.where(self.scale == 0, _zero_code(self), nearest_int(v))
         return np.clip(q, 0, self.qmax).astype(np.uint8)
 
     def values(self, codes: np.ndarray) -> np.ndarray:
         """The float values the codes decode to (what llama.cpp computes when it dequantizes)."""
-        return (self.scale * codes.astype(F32) + self.offset).astype(F32)
+        level = codes.astype(F32) if self.levels is None else self.levels[codes]
+        return (self.scale * level + self.offset).astype(F32)
 
 
 def _zero_code(grid: Grid) -> np.ndarray:
@@ -44,6 +52,14 @@ def _zero_code(grid: Grid) -> np.ndarray:
 def nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's ``nearest_int``: round half to even, as the 1.5*2^23 trick does; returns int32."""
     return np.rint(np.nan_to_num(v, nan=0.0, posinf=4e6, neginf=-4e6)).astype(np.int32)
+
+
+def nearest_level(levels: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Index of the level (``levels`` ascending) nearest to ``v``, compared in float32 like ggml's
+    ``best_index_int8``: the upper level on ties, the end level beyond either end, the top one for NaN."""
+    v = np.asarray(v, dtype=F32)
+    mu = np.clip(np.searchsorted(levels, v, side="right"), 1, len(levels) - 1)
+    return np.where(v - levels[mu - 1] < levels[mu] - v, mu - 1, mu).astype(np.uint8)
 
 
 def roundf(v: np.ndarray) -> np.ndarray:

@@ -51,16 +51,19 @@ class LatticeCode(NamedTuple):
     """One set of encoded super-blocks: value = fp16(d) * m(ls) * GRID[index] * (-1 if negative)."""
 
     d: np.ndarray         # (n_blocks,) float32, stored as fp16
-    ls: np.ndarray        # (n_blocks, 8) int32 sub-block multiplier indices, 0..15
-    index: np.ndarray     # (n_blocks, 64) int32 grid points, one per 4 values
+    ls: np.ndarray        # (n_blocks, 256 / SCALE_GROUP) int32 sub-block multiplier indices, 0..15
+    index: np.ndarray     # (n_blocks, 256 / grid width) int32 grid points
     negative: np.ndarray  # (n_blocks, 256) bool signs
 
 
-def lattice_weights(x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+def lattice_weights(x: np.ndarray, w: np.ndarray | None, group: int = SUB) -> np.ndarray:
     """Per-value error weights for super-blocks ``x`` (n, 256): IQ4's ``error_weights`` with importance ``w``,
-    else ``x^2 + sigma^2 / 4`` with sigma^2 = 2 * mean square of the super-block."""
+    else ``x^2 + sigma^2 / 4`` with sigma^2 = 2 * mean square of the super-block. Like ``error_weights`` per 32
+    values, a ``group`` of values sharing one scale whose importance is all zero falls back to ``x^2``."""
     if w is not None:
-        return error_weights(x, w)
+        wt = error_weights(x, w)
+        dead = np.repeat(wt.reshape(x.shape[0], -1, group).sum(-1) == 0, group, axis=-1).reshape(x.shape)
+        return np.where(dead, x * x, wt).astype(F32)
     sq = (x * x).astype(F32)
     return (sq + (seq_sum(sq) * F32(0.5 / x.shape[-1]))[:, None]).astype(F32)
 
@@ -92,12 +95,13 @@ def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def sub_block_scales(t: np.ndarray, wt: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Per 32-value sub-block of targets ``t`` (m, 32), the least-squares scale of the best of the trial scales
-    (each with every group on its best grid point); 0 for sub-blocks whose targets are all <= 0."""
+    """Per sub-block of targets ``t`` (m, values per scale), the least-squares scale of the best of the trial
+    scales (each with every group on its best grid point); 0 for sub-blocks whose targets are all <= 0."""
     out = np.zeros(t.shape[0], F32)
-    for lo in range(0, t.shape[0], CHUNK_SUBS):
-        tg = t[lo:lo + CHUNK_SUBS].reshape(-1, SUB // grid.shape[1], grid.shape[1])
-        wg = wt[lo:lo + CHUNK_SUBS].reshape(tg.shape)
+    step = CHUNK_SUBS * SUB // t.shape[1]  # the same number of groups at once, whatever the sub-block size
+    for lo in range(0, t.shape[0], step):
+        tg = t[lo:lo + step].reshape(-1, t.shape[1] // grid.shape[1], grid.shape[1])
+        wg = wt[lo:lo + step].reshape(tg.shape)
         a, b = _cross_terms(tg, wg, grid)
         a2, cost = 2 * a, np.empty_like(a)
         amax = tg.reshape(len(tg), -1).max(-1)
@@ -112,15 +116,24 @@ def sub_block_scales(t: np.ndarray, wt: np.ndarray, grid: np.ndarray) -> np.ndar
                 better = score > best_score
                 best_scale = np.where(better, sumqx / sumq2, best_scale).astype(F32)
             best_score = np.where(better, score, best_score)
-        out[lo:lo + CHUNK_SUBS] = best_scale
+        out[lo:lo + step] = best_scale
     return out
 
 
 class _Lattice(BlockType):
     """The lattice types: ``encode`` picks signs, scales and grid points, ``decoded`` is what llama.cpp
-    reconstructs, ``pack_code`` lays them out as ggml's C struct."""
+    reconstructs, ``pack_code`` lays them out as ggml's C struct. ``SCALE_GROUP`` values share one ``ls``."""
 
     GRID: ClassVar[np.ndarray]
+    SCALE_GROUP: ClassVar[int] = SUB
+    feedback = True
+
+    @classmethod
+    def quantize_with_feedback(cls, rows: np.ndarray, hessian: np.ndarray, importance: np.ndarray | None,
+                               damp: float) -> np.ndarray:
+        from lowbit.gguf.feedback_lattice import lattice_feedback_quantize
+
+        return lattice_feedback_quantize(rows, hessian, cls, importance, damp=damp)
 
     @classmethod
     def multiplier(cls, ls: np.ndarray) -> np.ndarray:
@@ -144,17 +157,17 @@ class _Lattice(BlockType):
     @classmethod
     def encode(cls, x: np.ndarray, w: np.ndarray | None = None) -> LatticeCode:
         """Signs, scales and grid points for super-blocks ``x`` (n, 256); ``w`` (same shape) weights the error."""
-        n = x.shape[0]
-        wt = lattice_weights(x, w)
+        n, group = x.shape[0], cls.SCALE_GROUP
+        wt = lattice_weights(x, w, group)
         negative = cls.signs(x, wt)
         t = np.where(negative, -x, x).astype(F32)  # what GRID * scale must approach; < 0 only where flipped
-        scales = sub_block_scales(t.reshape(-1, SUB), wt.reshape(-1, SUB), cls.GRID).reshape(n, -1)
+        scales = sub_block_scales(t.reshape(-1, group), wt.reshape(-1, group), cls.GRID).reshape(n, -1)
         d = (scales.max(-1) / cls.multiplier(np.full(1, 15))[0]).astype(F32)  # the largest onto ls = 15
         with np.errstate(divide="ignore", invalid="ignore"):
             ls = cls.multiplier_index(np.where(d[:, None] > 0, scales / d[:, None], 0).astype(F32))
         width = cls.GRID.shape[1]
         tg, wg = t.reshape(-1, width), wt.reshape(-1, width)
-        m = np.repeat(cls.multiplier(ls), SUB // width, axis=1)  # (n, groups): one multiplier per group
+        m = np.repeat(cls.multiplier(ls), group // width, axis=1)  # (n, groups): one multiplier per group
         index = best_points(tg, wg, (fp16_round(d)[:, None] * m).reshape(-1), cls.GRID).reshape(n, -1)
         q = cls.GRID[index] * m[..., None]  # refit d by least squares on the chosen points, then re-pick
         tg, wg = tg.reshape(q.shape), wg.reshape(q.shape)
@@ -170,9 +183,9 @@ class _Lattice(BlockType):
     def decoded(cls, code: LatticeCode) -> np.ndarray:
         """The float32 values the blocks decode to: (fp16(d) * m(ls)) * grid * sign, as the decoder multiplies."""
         n = code.index.shape[0]
-        db = fp16_round(code.d)[:, None] * cls.multiplier(code.ls)  # (n, 8)
-        values = cls.GRID[code.index].reshape(n, -1, SUB)
-        sign = np.where(code.negative, F32(-1), F32(1)).reshape(n, -1, SUB)
+        db = fp16_round(code.d)[:, None] * cls.multiplier(code.ls)  # (n, sub-blocks)
+        values = cls.GRID[code.index].reshape(n, -1, cls.SCALE_GROUP)
+        sign = np.where(code.negative, F32(-1), F32(1)).reshape(n, -1, cls.SCALE_GROUP)
         return (db[:, :, None] * values * sign).reshape(n, -1).astype(F32)
 
     @classmethod

@@ -57,7 +57,7 @@ def _scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 class _ScaleMin32(BlockType):
     """Q4_K / Q5_K: eight sub-blocks of 32, value = d*ls*q - dmin*lm, 6-bit ls and lm."""
 
-    affine = True
+    feedback = True
     nmax: int
     ref_search: tuple[float, float, int]
 
@@ -117,7 +117,7 @@ class Q5_K(_ScaleMin32):
 class Q2_K(BlockType):
     """Sixteen sub-blocks of 16, value = d*(sc & 15)*q - dmin*(sc >> 4), q in 0..3."""
 
-    name, affine = "Q2_K", True
+    name, feedback = "Q2_K", True
 
     @classmethod
     def fit(cls, x: np.ndarray, w: np.ndarray | None = None) -> Grid:
@@ -147,7 +147,7 @@ class Q2_K(BlockType):
 class _Signed16(BlockType):
     """Q3_K / Q6_K: sixteen sub-blocks of 16 with signed scales, value = d*sc*(q - zero)."""
 
-    affine = True
+    feedback = True
     zero: int
     sc_bits: int
 

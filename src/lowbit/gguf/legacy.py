@@ -36,7 +36,7 @@ def _weights(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 class _Symmetric(BlockType):
     """d * (q - zero), d stored fp16: Q4_0 (zero 8), Q5_0 (zero 16)."""
 
-    affine = True
+    feedback = True
     zero: int
     qmax: int
 
@@ -76,7 +76,7 @@ class Q5_0(_Symmetric):
 class _MinMax(BlockType):
     """d * q + m with d, m stored fp16: Q4_1, Q5_1."""
 
-    affine = True
+    feedback = True
     qmax: int
 
     @classmethod
@@ -121,7 +121,7 @@ class Q5_1(_MinMax):
 class Q8_0(BlockType):
     """d * q, q int8 in -127..127 (codes are stored here as q + 128 so the grid is 0-based)."""
 
-    name, affine = "Q8_0", True
+    name, feedback = "Q8_0", True
 
     @classmethod
     def fit(cls, x: np.ndarray, w: np.ndarray | None = None) -> Grid:

@@ -27,7 +27,7 @@ from lowbit.model.load import LoadedModel
 
 # Every block type lowbit writes, from most to fewest bits per weight (the default candidates).
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS",
-         "MXFP4", "Q3_K", "IQ3_S", "IQ3_XXS", "Q2_K", "IQ2_XXS", "TQ2_0", "TQ1_0")
+         "MXFP4", "Q3_K", "IQ3_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "TQ2_0", "IQ1_M", "TQ1_0", "IQ1_S")
 KEEP_F32 = ("F32",)  # what a norm, bias or other 1-D tensor may be
 
 

@@ -30,7 +30,7 @@ def _ternary_scale(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 class _Ternary(BlockType):
-    affine = True
+    feedback = True
 
     @classmethod
     def fit(cls, x: np.ndarray, w: np.ndarray | None = None) -> Grid:
