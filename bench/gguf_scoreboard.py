@@ -49,6 +49,17 @@ def calibration_file(loaded, out: Path, samples: int) -> Path:
     return path
 
 
+def greedy_text(path: Path, prompt: str = "The Python language", tokens: int = 16) -> str:
+    """What llama.cpp generates from the file (greedy): the scoreboard's proof that every file loads and runs."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        return llm(prompt, max_tokens=tokens, temperature=0.0)["choices"][0]["text"]
+    finally:
+        llm.close()
+
+
 def run(cmd: list) -> float:
     t0 = time.perf_counter()
     subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,6 +105,7 @@ def main() -> None:
         summary = export_gguf(GGUFExportOptions(**{**opts.__dict__, "type": type_name, "out": str(ours)}), False,
                               loaded, calib)
         row["lowbit_seconds"] = summary["seconds"]["quantize"]
+        row["lowbit_text"] = greedy_text(ours)
         for who, path in (("llamacpp", theirs), ("lowbit", ours)):
             m = compare_logprobs(ref, gguf_logprobs(path, held), held)
             row[who] = {"bytes": path.stat().st_size, "ppl": m["ppl"], "kld": m["kld"], "top1": m["top1"],
@@ -102,6 +114,11 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         saved.write_text(json.dumps(done, indent=1))
         write_results(done, args)
+    for row in done["rows"]:  # rows of an older run without a generation sample
+        path = out / f"lowbit-{row['type']}.gguf"
+        if "lowbit_text" not in row and path.is_file():
+            row["lowbit_text"] = greedy_text(path)
+    saved.write_text(json.dumps(done, indent=1))
     write_results(done, args)
 
 
@@ -115,6 +132,8 @@ def write_results(done: dict, args) -> None:
              f"on it); F32 PPL {done['ppl_f32']:.3f}. The default model's float weights are dequantized Q4_1 "
              "(asymmetric 4-bit, blocks of 32), which flatters 4-bit types; hidden size 576 fits no 256-value "
              "block, so most linears of an i-quant mix fall back to IQ4_NL, as llama.cpp does too.", "",
+             "Every lowbit file also generated text in llama-cpp-python (greedy, 16 tokens after \"The Python "
+             "language\"; in results.json).", "",
              "| type | llama.cpp MB | lowbit MB | size Δ | llama.cpp PPL | lowbit PPL | llama.cpp KLD | lowbit KLD | "
              "KLD ratio | llama.cpp top-1 | lowbit top-1 |", "|" + "---|" * 11]
     for r in done["rows"]:

@@ -38,6 +38,24 @@ def test_feedback_beats_rounding_on_output_error(name):
     assert out_err(fb) < out_err(block.quantize(w, imp))
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q3_K", "Q6_K", "IQ4_NL"])
+def test_act_order_beats_column_order(name):
+    """Rounding the loud input columns first (descending diag(H), grids fitted up front) leaves a lower output
+    error than block-by-block column order. Measured on this layer, seeds 0-2: act-order / column order 0.67-0.77
+    (Q4_K), 0.72-0.87 (Q3_K), 0.67-0.82 (Q6_K), 0.77-0.89 (IQ4_NL)."""
+    block = get_block_type(name)
+    w, x = _layer(seed=1)
+    x = x * np.random.default_rng(1).exponential(1.0, x.shape[1]).astype(np.float32)  # channel scales spread out
+    h = x.T.astype(np.float64) @ x
+
+    def out_err(data):
+        return float(((x @ (block.dequantize(data) - w).T) ** 2).mean())
+
+    act = feedback_quantize(w, h, block)
+    assert np.isfinite(block.dequantize(act)).all()
+    assert out_err(act) < 0.95 * out_err(feedback_quantize(w, h, block, act_order=False))
+
+
 def test_imatrix_roundtrip_and_layout(tmp_path):
     path = tmp_path / "m.imatrix"
     values = {"blk.0.attn_q.weight": np.arange(1, 5, dtype=np.float32), "token_embd.weight": np.ones(3, np.float32)}

@@ -1,10 +1,17 @@
 """GPTQ-style error feedback onto a GGUF block grid.
 
-Columns are rounded in order; each column's rounding error is spread over the not-yet-rounded columns through
-the inverse Hessian of the layer's inputs (H = sum x x^T), so the layer's *output* error is what gets minimised.
-The grid of each block (its stored scales) is fitted, importance-weighted, on the error-corrected weights just
-before the block's columns are rounded; the codes therefore always lie on a grid llama.cpp decodes unchanged.
-The grid is affine (integer codes: legacy, k-quant, ternary types) or a scaled codebook (the IQ4 types).
+Columns are rounded one at a time; each column's rounding error is spread over the not-yet-rounded columns
+through the inverse Hessian of the layer's inputs (H = sum x x^T), so the layer's *output* error is what gets
+minimised. The grid is affine (integer codes: legacy, k-quant, ternary types) or a scaled codebook (the IQ4 types);
+the codes always lie on a grid llama.cpp decodes unchanged. Two orders:
+
+- act-order (the default): every block's grid (its stored scales) is fitted, importance-weighted, on the weights
+  as given, then the columns are rounded in descending order of diag(H), the inputs with the most energy first,
+  so their errors can still be compensated by the many columns after them (GPTQ's act-order with grids fixed
+  in advance, "static groups"). Measured on SmolLM2 held-out text, Q4_K_M: KLD 0.020 against 0.026 in column
+  order (bench/RESULTS_gguf.md).
+- column order: block by block, each block's grid fitted on the error-corrected weights just before its columns
+  are rounded.
 Pure tensor math: weights, Hessian, block type in; GGUF bytes out.
 """
 
@@ -47,21 +54,25 @@ def _round_column(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, gr
 
 
 def feedback_quantize(weight: np.ndarray, hessian: np.ndarray, block: type[BlockType],
-                      importance: np.ndarray | None = None, damp: float = 0.01, span: int = 256) -> np.ndarray:
+                      importance: np.ndarray | None = None, damp: float = 0.01, span: int = 256,
+                      act_order: bool = True) -> np.ndarray:
     """Quantize ``weight`` (rows, cols) to ``block`` bytes (rows, cols/bs*type_size) with error feedback.
 
     ``hessian`` is (cols, cols); ``importance`` (cols,) weights each block's scale search (default diag(H)).
     ``span``: columns whose error updates are applied lazily together (a multiple of the block size).
+    ``act_order``: round in descending diag(H) onto grids fitted up front, else block by block in column order.
     """
     bs = block.block_size
     rows, cols = weight.shape
     w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).clone()
     h = torch.from_numpy(np.asarray(hessian, dtype=np.float64))
-    hinv, dead = inverse_hessian_factor(h, damp)
-    w[:, dead] = 0
     imp = np.diag(hessian).astype(np.float32) if importance is None else np.asarray(importance, np.float32)
     imp = np.maximum(imp, imp.max() * 1e-6 + 1e-30)
     span = max(bs, span // bs * bs)
+    if act_order:
+        return _act_order(w, h, block, imp, damp, span)
+    hinv, dead = inverse_hessian_factor(h, damp)
+    w[:, dead] = 0
     out = np.empty((rows, cols // bs, block.type_size), dtype=np.uint8)
     for c0 in range(0, cols, span):
         c1 = min(c0 + span, cols)
@@ -72,6 +83,32 @@ def feedback_quantize(weight: np.ndarray, hessian: np.ndarray, block: type[Block
             out[:, (c0 + g0) // bs] = block.pack(grid, codes)
         w[:, c1:] -= err1 @ hinv[c0:c1, c1:]
     return out.reshape(rows, -1)
+
+
+def _act_order(w: torch.Tensor, h: torch.Tensor, block: type[BlockType], imp: np.ndarray, damp: float,
+               span: int) -> np.ndarray:
+    """``feedback_quantize`` in descending diag(H) order onto the blocks' grids fitted on ``w`` up front."""
+    (rows, cols), bs = w.shape, block.block_size
+    dead = torch.diag(h) == 0
+    w[:, dead] = 0
+    grids = [block.fit(w[:, b0:b0 + bs].numpy(), np.broadcast_to(imp[b0:b0 + bs], (rows, bs)))
+             for b0 in range(0, cols, bs)]
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+    hinv, _ = inverse_hessian_factor(h[perm][:, perm], damp)
+    scale = torch.from_numpy(np.concatenate([g.scale for g in grids], axis=1))[:, perm]
+    offset = torch.from_numpy(np.concatenate([g.offset for g in grids], axis=1))[:, perm]
+    w = w[:, perm].contiguous()
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    for c0 in range(0, cols, span):
+        c1 = min(c0 + span, cols)
+        w1, err1, hinv1 = w[:, c0:c1].clone(), torch.zeros(rows, c1 - c0), hinv[c0:c1, c0:c1]
+        for j in range(c1 - c0):
+            q, value = _round_column(w1[:, j], scale[:, c0 + j], offset[:, c0 + j], grids[0])
+            err1[:, j] = (w1[:, j] - value) / hinv1[j, j]
+            w1[:, j + 1:] -= err1[:, j, None] * hinv1[j, j + 1:][None, :]
+            codes[:, int(perm[c0 + j])] = q.numpy()
+        w[:, c1:] -= err1 @ hinv[c0:c1, c1:]
+    return np.stack([block.pack(g, codes[:, i * bs:(i + 1) * bs]) for i, g in enumerate(grids)], axis=1).reshape(rows, -1)
 
 
 def _feedback_group(w1: torch.Tensor, err1: torch.Tensor, hinv1: torch.Tensor, grid: Grid, g0: int,
