@@ -17,11 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from lowbit.data.text import eval_windows, load_text, tokenize
-from lowbit.eval.llamacpp import compare_logprobs, gguf_logprobs
-from lowbit.export.gguf import GGUFExportOptions, all_targets, calibrate, export_gguf
-from lowbit.gguf.mixes import get_mix
-from lowbit.model.load import load_model
+sys.path.insert(0, str(Path(__file__).parent))
+
+from results_file import write_section  # noqa: E402
+
+from lowbit.data.text import eval_windows, load_text, tokenize  # noqa: E402
+from lowbit.eval.llamacpp import compare_logprobs, gguf_logprobs  # noqa: E402
+from lowbit.export.gguf import GGUFExportOptions, all_targets, calibrate, export_gguf  # noqa: E402
+from lowbit.gguf.mixes import get_mix  # noqa: E402
+from lowbit.model.load import load_model  # noqa: E402
 
 TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 
@@ -92,7 +96,10 @@ def write_results(rows: list[dict], args, t_calib: float, ppl_f32: float) -> Non
              f"{args.windows}x512 tokens of pydoc topics (lowbit.data.text eval windows). llama.cpp files: "
              "llama_model_quantize from that F32 file, no imatrix. lowbit files: method "
              f"`{args.method}`, {args.calib_samples}x512 calibration tokens drawn after the evaluation windows "
-             f"(calibration {t_calib:.0f} s, once for all types)."
+             f"(calibration {t_calib:.0f} s, once for all types). A calibrated lowbit file now follows "
+             "llama-quantize's plan *with* an importance matrix (Q4_0: the first eighth of ffn_down on Q4_1), so "
+             "rows measured since then may differ in size from llama.cpp's here; the fair comparison, llama.cpp "
+             "with its own imatrix on held-out text, is the GGUF scoreboard below."
              + (" Resumed: rows already in results.json come from an earlier run of the same command (same float "
                "file and calibration windows; that run may have been on another machine, with bf16 calibration "
                "passes where the CPU had native bf16), and the calibration time is the last run's." if args.resume
@@ -105,7 +112,7 @@ def write_results(rows: list[dict], args, t_calib: float, ppl_f32: float) -> Non
         lines.append(f"| {r['type']} | {a['bytes'] / 1e6:.2f} | {b['bytes'] / 1e6:.2f} | "
                      f"{100 * (b['bytes'] / a['bytes'] - 1):+.2f}% | {a['ppl']:.3f} | {b['ppl']:.3f} | {a['kld']:.4f} | "
                      f"{b['kld']:.4f} | {b['kld'] / max(a['kld'], 1e-12):.2f} | {a['top1']:.4f} | {b['top1']:.4f} |")
-    Path("bench/RESULTS_gguf.md").write_text("\n".join(lines) + "\n")
+    write_section(Path("bench/RESULTS_gguf.md"), lines[0], "\n".join(lines) + "\n")
     Path(args.out, "results.json").write_text(json.dumps(rows, indent=1))
 
 
