@@ -166,11 +166,13 @@ def test_error_feedback_beats_rtn_in_llamacpp(tmp_path, llama256, windows):
     assert kld["gptq"] < kld["rtn"]
 
 
-@pytest.mark.parametrize("type_name,types", [("IQ4_NL", ()), ("IQ3_S", _linears_on("IQ2_XS"))])
+@pytest.mark.parametrize("type_name,types", [("IQ4_NL", ()), ("IQ3_S", _linears_on("IQ2_XS")),
+                                             ("IQ3_S", _linears_on("IQ1_M"))])
 def test_i_quant_error_feedback_beats_importance_alone_in_llamacpp(tmp_path, llama256, windows, type_name, types):
-    """GPTQ feedback inside the IQ4 codebook and the IQ2_XS lattice: llama.cpp's KLD of the ``gptq`` file is below
-    that of the ``imatrix`` file (same calibration, importance-weighted search alone). Measured: IQ4_NL 0.117 vs
-    0.144, IQ2_XS linears 0.762 vs 0.878 (a random tiny model: 2 bits lose most of it)."""
+    """GPTQ feedback inside the IQ4 codebook and the IQ2_XS and IQ1_M grids: llama.cpp's KLD of the ``gptq`` file
+    is below that of the ``imatrix`` file (same calibration, importance-weighted search alone). Measured: IQ4_NL 0.118 vs
+    0.144, IQ2_XS linears 0.771 vs 0.878, IQ1_M linears 1.095 vs 1.186 (a random tiny model: 2 bits and fewer lose
+    most of it)."""
     ref_path = tmp_path / "f32.gguf"
     export_gguf(GGUFExportOptions(model=str(llama256), type="F32", out=str(ref_path), method="rtn"), progress=False)
     ref = gguf_logprobs(ref_path, windows)

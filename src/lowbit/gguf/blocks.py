@@ -30,7 +30,8 @@ class BlockType:
     ggml: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
-    feedback: ClassVar[bool] = False  # True when quantize_with_feedback works (fit/pack, or a lattice's own)
+    feedback: ClassVar[bool] = False  # True when quantize_with_feedback works (fit/pack, or encode/repick)
+    FEEDBACK_UNIT: ClassVar[int] = 0  # columns feedback decides together; 0: one at a time onto ``fit``'s grid
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -50,7 +51,13 @@ class BlockType:
     def quantize_with_feedback(cls, rows: np.ndarray, hessian: np.ndarray, importance: np.ndarray | None,
                                damp: float) -> np.ndarray:
         """Rows (n, k) -> bytes with GPTQ error feedback through ``hessian`` (k, k): column by column onto the
-        grid ``fit`` chooses (``lowbit.gguf.feedback``); the lattice types round a group of columns at a time."""
+        grid ``fit`` chooses (``lowbit.gguf.feedback``), or, for the types that decide ``FEEDBACK_UNIT`` columns
+        together (lattice and IQ1: ``encode`` / ``repick`` / ``pack_code``), a unit at a time
+        (``lowbit.gguf.feedback_lattice``)."""
+        if cls.FEEDBACK_UNIT:
+            from lowbit.gguf.feedback_lattice import lattice_feedback_quantize
+
+            return lattice_feedback_quantize(rows, hessian, cls, importance, damp=damp)
         from lowbit.gguf.feedback import feedback_quantize
 
         return feedback_quantize(rows, hessian, cls, importance, damp=damp)

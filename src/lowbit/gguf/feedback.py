@@ -108,7 +108,8 @@ def _act_order(w: torch.Tensor, h: torch.Tensor, block: type[BlockType], imp: np
             w1[:, j + 1:] -= err1[:, j, None] * hinv1[j, j + 1:][None, :]
             codes[:, int(perm[c0 + j])] = q.numpy()
         w[:, c1:] -= err1 @ hinv[c0:c1, c1:]
-    return np.stack([block.pack(g, codes[:, i * bs:(i + 1) * bs]) for i, g in enumerate(grids)], axis=1).reshape(rows, -1)
+    packed = [block.pack(g, codes[:, i * bs:(i + 1) * bs]) for i, g in enumerate(grids)]
+    return np.stack(packed, axis=1).reshape(rows, -1)
 
 
 def _feedback_group(w1: torch.Tensor, err1: torch.Tensor, hinv1: torch.Tensor, grid: Grid, g0: int,

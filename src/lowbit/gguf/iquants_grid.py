@@ -127,13 +127,21 @@ class _Lattice(BlockType):
     GRID: ClassVar[np.ndarray]
     SCALE_GROUP: ClassVar[int] = SUB
     feedback = True
+    FEEDBACK_UNIT: ClassVar[int] = SIGN_GROUP  # columns error feedback decides together (a sign group)
 
     @classmethod
-    def quantize_with_feedback(cls, rows: np.ndarray, hessian: np.ndarray, importance: np.ndarray | None,
-                               damp: float) -> np.ndarray:
-        from lowbit.gguf.feedback_lattice import lattice_feedback_quantize
-
-        return lattice_feedback_quantize(rows, hessian, cls, importance, damp=damp)
+    def repick(cls, code: LatticeCode, x: np.ndarray, wt: np.ndarray, at: int) -> np.ndarray:
+        """Signs and grid points for the ``FEEDBACK_UNIT`` columns ``x`` (rows, unit) at super-block column ``at``,
+        on the code's fixed scales and under weights ``wt``; written into ``code``; returns their values."""
+        rows, unit, width = x.shape[0], x.shape[1], cls.GRID.shape[1]
+        s = fp16_round(code.d) * cls.multiplier(code.ls[:, at // cls.SCALE_GROUP])  # one scale per row
+        negative = cls.signs(x, wt)
+        t = np.where(negative, -x, x).astype(F32).reshape(-1, width)
+        index = best_points(t, wt.reshape(-1, width), np.repeat(s, unit // width), cls.GRID).reshape(rows, -1)
+        code.index[:, at // width:(at + unit) // width] = index
+        code.negative[:, at:at + unit] = negative
+        q = (s[:, None, None] * cls.GRID[index]).reshape(rows, unit)
+        return np.where(negative, -q, q).astype(F32)
 
     @classmethod
     def multiplier(cls, ls: np.ndarray) -> np.ndarray:

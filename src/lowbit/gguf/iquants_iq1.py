@@ -135,6 +135,18 @@ class _IQ1(BlockType):
 
     SCALE_SIZE: ClassVar[int]   # values per multiplier ls
     SHIFT_SIZE: ClassVar[int]   # values per shift sign
+    feedback = True
+
+    @classmethod
+    def repick(cls, code: IQ1Code, x: np.ndarray, wt: np.ndarray, at: int) -> np.ndarray:
+        """Points and shift for the ``FEEDBACK_UNIT`` (= one shift's) columns ``x`` (rows, unit) at super-block
+        column ``at``, on the code's fixed scale; written into ``code``; returns their values."""
+        rows, groups = x.shape[0], x.shape[1] // GROUP
+        s = fp16_round(code.d) * (2 * code.ls[:, at // cls.SCALE_SIZE] + 1).astype(F32)  # one scale per row
+        index, negative, q = shifted_points(x.reshape(-1, GROUP), wt.reshape(-1, GROUP), np.repeat(s, groups), groups)
+        code.index[:, at // GROUP:at // GROUP + groups] = index.reshape(rows, groups)
+        code.negative[:, at // GROUP:at // GROUP + groups] = negative.reshape(rows, groups)
+        return (s[:, None] * q.reshape(rows, -1)).astype(F32)
 
     @classmethod
     def pack_code(cls, code: IQ1Code) -> np.ndarray:
@@ -174,6 +186,7 @@ class _IQ1(BlockType):
 class IQ1_S(_IQ1):
     name = "IQ1_S"
     SCALE_SIZE, SHIFT_SIZE = 32, 32
+    FEEDBACK_UNIT = SHIFT_SIZE
 
     @classmethod
     def pack_code(cls, code: IQ1Code) -> np.ndarray:
@@ -190,6 +203,7 @@ class IQ1_S(_IQ1):
 class IQ1_M(_IQ1):
     name = "IQ1_M"
     SCALE_SIZE, SHIFT_SIZE = 16, 8
+    FEEDBACK_UNIT = SHIFT_SIZE
 
     @classmethod
     def pack_code(cls, code: IQ1Code) -> np.ndarray:
