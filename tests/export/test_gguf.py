@@ -153,16 +153,23 @@ def test_q_k_rows_are_permuted_for_llamacpp(tmp_path, llama256):
     assert "output.weight" in tensors and "tokenizer.ggml.merges" in gguf.GGUFReader(str(out)).fields
 
 
-def test_error_feedback_beats_rtn_in_llamacpp(tmp_path, llama256, windows):
+def _kld_by_method(tmp_path, model, windows, type_name, methods, types=()) -> dict[str, float]:
+    """llama.cpp's KLD of ``model`` written as ``type_name`` (and plan ``types``) by each method, against its F32
+    file (8 x 256 calibration tokens after the first 256)."""
     ref_path = tmp_path / "f32.gguf"
-    export_gguf(GGUFExportOptions(model=str(llama256), type="F32", out=str(ref_path), method="rtn"), progress=False)
+    export_gguf(GGUFExportOptions(model=str(model), type="F32", out=str(ref_path), method="rtn"), progress=False)
     ref = gguf_logprobs(ref_path, windows)
     kld = {}
-    for method in ("rtn", "gptq"):
-        out = tmp_path / f"q3-{method}.gguf"
-        export_gguf(GGUFExportOptions(model=str(llama256), type="Q3_K_S", out=str(out), method=method,
+    for method in methods:
+        out = tmp_path / f"{type_name}-{method}.gguf"
+        export_gguf(GGUFExportOptions(model=str(model), type=type_name, types=types, out=str(out), method=method,
                                       calib_samples=8, calib_length=256, eval_tokens=256), progress=False)
         kld[method] = compare_logprobs(ref, gguf_logprobs(out, windows), windows)["kld"]
+    return kld
+
+
+def test_error_feedback_beats_rtn_in_llamacpp(tmp_path, llama256, windows):
+    kld = _kld_by_method(tmp_path, llama256, windows, "Q3_K_S", ("rtn", "gptq"))
     assert kld["gptq"] < kld["rtn"]
 
 
@@ -173,15 +180,7 @@ def test_i_quant_error_feedback_beats_importance_alone_in_llamacpp(tmp_path, lla
     is below that of the ``imatrix`` file (same calibration, importance-weighted search alone). Measured: IQ4_NL 0.118 vs
     0.144, IQ2_XS linears 0.771 vs 0.878, IQ1_M linears 1.095 vs 1.186 (a random tiny model: 2 bits and fewer lose
     most of it)."""
-    ref_path = tmp_path / "f32.gguf"
-    export_gguf(GGUFExportOptions(model=str(llama256), type="F32", out=str(ref_path), method="rtn"), progress=False)
-    ref = gguf_logprobs(ref_path, windows)
-    kld = {}
-    for method in ("imatrix", "gptq"):
-        out = tmp_path / f"{method}.gguf"
-        export_gguf(GGUFExportOptions(model=str(llama256), type=type_name, types=types, out=str(out), method=method,
-                                      calib_samples=8, calib_length=256, eval_tokens=256), progress=False)
-        kld[method] = compare_logprobs(ref, gguf_logprobs(out, windows), windows)["kld"]
+    kld = _kld_by_method(tmp_path, llama256, windows, type_name, ("imatrix", "gptq"), types)
     assert kld["gptq"] < 0.95 * kld["imatrix"]
 
 

@@ -148,14 +148,33 @@ def test_iq4_xs_matches_loop_reference():
     assert get_block_type("IQ4_XS").quantize(x).tobytes() == _loop_iq4_xs(x)
 
 
-def _ggml_quantizer(name: str):
-    """llama.cpp's own ``quantize_iq*`` from the libggml-base llama-cpp-python ships, or a skip;
-    ``ggml_quantize_init`` first sets up the lattice tables the IQ2/IQ3 quantizers search (a no-op for IQ4)."""
+def _libggml() -> ctypes.CDLL:
+    """The libggml-base llama-cpp-python ships (llama.cpp's own quantizers and decoders), or a skip."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     path = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
     if not path.exists():
         pytest.skip(f"no {path.name} in llama-cpp-python")
-    lib = ctypes.CDLL(str(path))
+    return ctypes.CDLL(str(path))
+
+
+def _ggml_dequantizer(name: str):
+    """llama.cpp's own ``dequantize_row_*`` for a 256-value type: bytes (n, type_size) -> float32 (n, 256)."""
+    fn = getattr(_libggml(), f"dequantize_row_{name.lower()}")
+    fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+
+    def dequantize(data: np.ndarray) -> np.ndarray:
+        data = np.ascontiguousarray(data)
+        out = np.zeros((data.shape[0], 256), F32)
+        fn(data.ctypes.data, out.ctypes.data, out.size)
+        return out
+
+    return dequantize
+
+
+def _ggml_quantizer(name: str):
+    """llama.cpp's own ``quantize_iq*`` from libggml-base, or a skip; ``ggml_quantize_init`` first sets up the
+    lattice tables the IQ2/IQ3 quantizers search (a no-op for IQ4)."""
+    lib = _libggml()
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     lib.ggml_quantize_init(int(get_block_type(name).ggml))
     fn = getattr(lib, f"quantize_{name.lower()}")

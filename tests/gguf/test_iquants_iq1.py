@@ -4,9 +4,7 @@ is below llama.cpp's own quantizer's."""
 
 from __future__ import annotations
 
-import ctypes
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from gguf import quants
 from lowbit.errors import LowbitError
 from lowbit.gguf.blocks import get_block_type
 from lowbit.gguf.iquants_iq1 import DELTA, GRID, ternary_scales
-from tests.gguf.test_iquants import _ggml_quantizer, _importance, _rows, _weighted_error
+from tests.gguf.test_iquants import _ggml_dequantizer, _ggml_quantizer, _importance, _rows, _weighted_error
 from tests.gguf.test_iquants_grid import _gaussian
 
 F32 = np.float32
@@ -77,19 +75,10 @@ def test_decoded_matches_loop_reference_and_gguf_py(name):
 @pytest.mark.parametrize("name", IQ1)
 def test_llama_cpp_decodes_our_bytes(name):
     """llama.cpp's own dequantize_row_iq1_* (libggml-base from llama-cpp-python) reads our blocks as we mean them."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    path = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
-    if not path.exists():
-        pytest.skip(f"no {path.name} in llama-cpp-python")
-    fn = getattr(ctypes.CDLL(str(path)), f"dequantize_row_{name.lower()}")
-    fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     block = get_block_type(name)
     x = _rows(3, n=6, k=256)
     code = block.encode(x, np.broadcast_to(_importance(4, 256), x.shape))
-    data = np.ascontiguousarray(block.pack_code(code))
-    out = np.zeros(data.shape[0] * 256, F32)
-    fn(data.ctypes.data, out.ctypes.data, out.size)
-    np.testing.assert_array_equal(out.reshape(-1, 256), block.decoded(code))
+    np.testing.assert_array_equal(_ggml_dequantizer(name)(block.pack_code(code)), block.decoded(code))
 
 
 def _brute_force_scale(x: np.ndarray, w: np.ndarray, unit: int) -> float:

@@ -5,8 +5,6 @@ plain nearest-point rounding; zero rows, zero sub-blocks and unseen imatrix colu
 
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from gguf import quants
 
 from lowbit.errors import LowbitError
 from lowbit.gguf.blocks import get_block_type
-from tests.gguf.test_iquants import _ggml_quantizer, _importance, _rows, _weighted_error
+from tests.gguf.test_iquants import _ggml_dequantizer, _ggml_quantizer, _importance, _rows, _weighted_error
 from tests.gguf.test_iquants_grid import _gaussian
 
 F32 = np.float32
@@ -51,24 +49,6 @@ def _loop_decode(name: str, data: np.ndarray) -> np.ndarray:
             v = F32(db * grid[index, j])
             out[b, i] = -v if signs & (1 << j) else v
     return out
-
-
-def _ggml_dequantizer(name: str):
-    """llama.cpp's own ``dequantize_row_iq2_*`` from the libggml-base llama-cpp-python ships, or a skip."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    path = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
-    if not path.exists():
-        pytest.skip(f"no {path.name} in llama-cpp-python")
-    fn = getattr(ctypes.CDLL(str(path)), f"dequantize_row_{name.lower()}")
-    fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-
-    def dequantize(data: np.ndarray) -> np.ndarray:
-        data = np.ascontiguousarray(data)
-        out = np.zeros((data.shape[0], 256), F32)
-        fn(data.ctypes.data, out.ctypes.data, out.size)
-        return out
-
-    return dequantize
 
 
 @pytest.mark.parametrize("name", IQ2)

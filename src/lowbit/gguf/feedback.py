@@ -53,6 +53,13 @@ def _round_column(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, gr
     return q, scale * torch.from_numpy(grid.levels)[q] + offset
 
 
+def push_error(w1: torch.Tensor, err1: torch.Tensor, hinv1: torch.Tensor, j: int, value: torch.Tensor) -> None:
+    """Column ``j`` of ``w1`` was rounded to ``value``: its error, scaled by the inverse Hessian's diagonal, goes
+    into ``err1`` and onto the later columns of ``w1`` (GPTQ's update; earlier spans get ``err1`` lazily)."""
+    err1[:, j] = (w1[:, j] - value) / hinv1[j, j]
+    w1[:, j + 1:] -= err1[:, j, None] * hinv1[j, j + 1:][None, :]
+
+
 def feedback_quantize(weight: np.ndarray, hessian: np.ndarray, block: type[BlockType],
                       importance: np.ndarray | None = None, damp: float = 0.01, span: int = 256,
                       act_order: bool = True) -> np.ndarray:
@@ -104,8 +111,7 @@ def _act_order(w: torch.Tensor, h: torch.Tensor, block: type[BlockType], imp: np
         w1, err1, hinv1 = w[:, c0:c1].clone(), torch.zeros(rows, c1 - c0), hinv[c0:c1, c0:c1]
         for j in range(c1 - c0):
             q, value = _round_column(w1[:, j], scale[:, c0 + j], offset[:, c0 + j], grids[0])
-            err1[:, j] = (w1[:, j] - value) / hinv1[j, j]
-            w1[:, j + 1:] -= err1[:, j, None] * hinv1[j, j + 1:][None, :]
+            push_error(w1, err1, hinv1, j, value)
             codes[:, int(perm[c0 + j])] = q.numpy()
         w[:, c1:] -= err1 @ hinv[c0:c1, c1:]
     packed = [block.pack(g, codes[:, i * bs:(i + 1) * bs]) for i, g in enumerate(grids)]
@@ -119,10 +125,7 @@ def _feedback_group(w1: torch.Tensor, err1: torch.Tensor, hinv1: torch.Tensor, g
     codes = torch.empty(w1.shape[0], bs)
     for j in range(bs):
         i = g0 + j
-        col = w1[:, i]
-        q, value = _round_column(col, scale[:, j], offset[:, j], grid)
-        e = (col - value) / hinv1[i, i]
-        w1[:, i + 1:] -= e[:, None] * hinv1[i, i + 1:][None, :]
-        err1[:, i] = e
+        q, value = _round_column(w1[:, i], scale[:, j], offset[:, j], grid)
+        push_error(w1, err1, hinv1, i, value)
         codes[:, j] = q
     return codes.numpy().astype(np.uint8)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lowbit.gguf.blocks import BlockType
-from lowbit.gguf.feedback import inverse_hessian_factor
+from lowbit.gguf.feedback import inverse_hessian_factor, push_error
 from lowbit.gguf.grid import F32
 
 SUPER = 256  # columns per super-block
@@ -96,5 +96,4 @@ def _feedback_unit(block: type[BlockType], code, at: int, w1: torch.Tensor, err1
     x = w1[:, u0:u0 + block.FEEDBACK_UNIT].numpy()
     q = torch.from_numpy(block.repick(code, x, np.ascontiguousarray(np.broadcast_to(loss_weight, x.shape)), at))
     for j in range(u0, u0 + block.FEEDBACK_UNIT):
-        err1[:, j] = (w1[:, j] - q[:, j - u0]) / hinv1[j, j]
-        w1[:, j + 1:] -= err1[:, j, None] * hinv1[j, j + 1:][None, :]
+        push_error(w1, err1, hinv1, j, q[:, j - u0])

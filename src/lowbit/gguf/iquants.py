@@ -60,17 +60,17 @@ def nearest_level(v: np.ndarray) -> np.ndarray:
     return idx.astype(np.uint8)
 
 
-def error_weights(x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+def error_weights(x: np.ndarray, w: np.ndarray | None, group: int = SUB) -> np.ndarray:
     """Per-value error weights for super-blocks ``x`` (n, size): ``x^2`` without importance ``w``, else
-    ``w * sqrt(sigma^2 + x^2)``, sigma^2 = 2 * mean square of the super-block. A sub-block whose importance is
-    all zero falls back to ``x^2`` (a zero-weight least-squares scale is undefined)."""
+    ``w * sqrt(sigma^2 + x^2)``, sigma^2 = 2 * mean square of the super-block. A ``group`` of values sharing one
+    scale (a 32-value sub-block here; 16 in some lattice types) whose importance is all zero falls back to
+    ``x^2`` (a zero-weight least-squares scale is undefined)."""
     sq = (x * x).astype(F32)
     if w is None:
         return sq
     sigma2 = (seq_sum(sq) * F32(2.0 / x.shape[-1]))[:, None]
     wt = (w * np.sqrt(sigma2 + sq)).astype(F32)
-    sub = (x.shape[0], -1, SUB)
-    alive = np.repeat(wt.reshape(sub).sum(-1) > 0, SUB, axis=-1).reshape(x.shape)
+    alive = np.repeat(wt.reshape(x.shape[0], -1, group).sum(-1) > 0, group, axis=-1).reshape(x.shape)
     return np.where(alive, wt, sq)
 
 

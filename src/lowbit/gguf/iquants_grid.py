@@ -58,12 +58,10 @@ class LatticeCode(NamedTuple):
 
 def lattice_weights(x: np.ndarray, w: np.ndarray | None, group: int = SUB) -> np.ndarray:
     """Per-value error weights for super-blocks ``x`` (n, 256): IQ4's ``error_weights`` with importance ``w``,
-    else ``x^2 + sigma^2 / 4`` with sigma^2 = 2 * mean square of the super-block. Like ``error_weights`` per 32
-    values, a ``group`` of values sharing one scale whose importance is all zero falls back to ``x^2``."""
+    else ``x^2 + sigma^2 / 4`` with sigma^2 = 2 * mean square of the super-block. A ``group`` of values sharing
+    one scale whose importance is all zero falls back to ``x^2``."""
     if w is not None:
-        wt = error_weights(x, w)
-        dead = np.repeat(wt.reshape(x.shape[0], -1, group).sum(-1) == 0, group, axis=-1).reshape(x.shape)
-        return np.where(dead, x * x, wt).astype(F32)
+        return error_weights(x, w, group)
     sq = (x * x).astype(F32)
     return (sq + (seq_sum(sq) * F32(0.5 / x.shape[-1]))[:, None]).astype(F32)
 
