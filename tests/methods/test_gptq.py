@@ -60,6 +60,16 @@ def test_codes_identical_to_reference(text):
     assert torch.equal(fast.codes, reference_gptq(w, H, spec))
 
 
+@pytest.mark.parametrize("text", ["int4:g16:asym", "int3:g32", "int4:channel:asym", "int4:g8"])
+def test_two_level_lazy_updates_give_the_reference_codes(text):
+    """Blocks of 64 columns hold four sub-blocks of 16 (the last block ragged): errors pushed column by column
+    inside a sub-block, by products beyond it; a group of 8 makes the sub-blocks 8 wide (groups start one)."""
+    w, _, H = _correlated(cols=120, seed=3)
+    spec = parse_spec(text)
+    fast = gptq(w, spec, H, GPTQOptions(block_size=64), dtype=torch.float64)
+    assert torch.equal(fast.codes, reference_gptq(w, H, spec))
+
+
 def test_output_error_not_worse_than_rtn_on_correlated_inputs():
     for seed in range(3):
         w, x, H = _correlated(rows=64, cols=128, seed=seed)

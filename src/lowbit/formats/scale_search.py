@@ -77,12 +77,12 @@ def mse_params(
 def _block_error(b, weight, scale, zero, fmt, global_scale=None) -> torch.Tensor:
     s = scale_values(scale, global_scale)[..., None]
     z = None if zero is None else zero.float()[..., None]
-    values = _round_trip(fmt, b / s, z)
+    values = _round_trip(fmt, b / s, z)  # a fresh temporary: the error is computed in place in it
+    d = values.mul_(s).sub_(b)  # the search's time goes into these block-sized passes: as few as possible
     if isinstance(weight, tuple):  # (H's diagonal blocks,), b as (blocks, rows, size): output error d H_gg d^T
         hb = weight[0]
-        d = (values * s).sub_(b)
-        return torch.bmm(d.to(hb.dtype), hb).mul(d).sum(-1)
-    d = (values * s).sub_(b)  # one block-sized temporary, updated in place: the search's time goes into these
+        dh = torch.bmm(d.to(hb.dtype), hb)
+        return dh.to(d.dtype).mul_(d).sum(-1)  # fp32 x fp32: a mixed bf16 x fp32 product is 2x slower
     return d.mul_(d).mul_(weight).sum(-1)
 
 

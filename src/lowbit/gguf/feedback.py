@@ -22,6 +22,7 @@ import torch
 
 from lowbit.gguf.blocks import BlockType
 from lowbit.gguf.grid import Grid, nearest_level
+from lowbit.methods.hessian_factor import upper_inverse_cholesky
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +35,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
         try:
             if extra:
                 h += torch.eye(h.shape[0], dtype=h.dtype) * extra * torch.diag(h).mean()
-            inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-            return torch.linalg.cholesky(inv, upper=True).float(), dead
+            return upper_inverse_cholesky(h).float(), dead
         except torch.linalg.LinAlgError:
             continue
     raise RuntimeError("Hessian is not positive definite even with heavy damping")

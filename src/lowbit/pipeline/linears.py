@@ -72,13 +72,13 @@ def method_inputs(quantizer: str, transforms: tuple[str, ...], stats: InputStats
             static_groups=bool(opts.get("static_groups", False)),
             clip_objective=str(opts.get("clip_objective", GPTQ_DEFAULT_OPTIONS["clip_objective"]))),
             "search_dtype": compute_dtype}
-    clip = "awq" in transforms and recipe.options.get("clip", True) and stats.xtx is not None
+    clip = "awq" in transforms and recipe.options.get("clip", True) and stats.gram_upper is not None
     if clip and spec.granularity in ("channel", "group"):
         try:
             return spec.with_options(scale_search="mse"), {"hessian": stats.hessian()}
         except LowbitError:
             pass
-    return spec, {"importance": stats.importance() if stats.xtx is not None else None}
+    return spec, {"importance": stats.importance() if stats.gram_upper is not None else None}
 
 
 def apply_transforms(block: nn.Module, targets: dict[str, nn.Linear], stats: dict[str, InputStats],
