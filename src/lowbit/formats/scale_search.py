@@ -1,8 +1,10 @@
 """Choosing per-block scales: plain min/max, or an MSE-optimal clipping search over shrunken ranges.
 
-The search tries ranges shrunk by factors 1, 1 - s/n, ..., 1 - s(n-1)/n and keeps, per block, the one with
-the lowest (optionally importance-weighted) squared reconstruction error. Factor 1 is plain min/max and a
-candidate only replaces it when strictly better, so the search is never worse than min/max.
+The search picks, per block, among ranges shrunk by factors 1, 1 - s/n, ..., 1 - s(n-1)/n the one with the
+lowest (optionally importance-weighted) squared reconstruction error: every other factor first, then each
+block's two neighbours of its best one (n/2 + 2 error evaluations instead of n; the search's cost is in
+them). Factor 1 is plain min/max and a candidate only replaces it when strictly better, so the search is
+never worse than min/max.
 Given the input Hessian H (row-wise specs: channel or group), the error of a block is instead its share of
 the layer's output error, d H_gg d^T with H_gg the block's diagonal block of H (AWQ's clipping objective,
 computed without a forward pass).
@@ -60,14 +62,27 @@ def mse_params(
     gs = global_scale_of(w2d, spec)
     best_scale, best_zero = params_from_range(lo, hi, spec, global_scale=gs)
     best_err = _block_error(b, weight, best_scale, best_zero, fmt, gs)
-    for i in range(1, steps):
-        scale, zero = params_from_range(lo, hi, spec, shrink=1.0 - max_shrink * i / steps, global_scale=gs)
+    best_step = torch.zeros_like(best_err, dtype=torch.int64)
+    factors = [1.0 - max_shrink * i / steps for i in range(steps)]
+    factor_of = torch.tensor(factors, dtype=lo.dtype)
+
+    def try_steps(step):  # a step for every block (a tensor), or one for all (an int)
+        nonlocal best_scale, best_zero, best_err, best_step
+        shrink = factor_of[step] if torch.is_tensor(step) else factors[step]
+        scale, zero = params_from_range(lo, hi, spec, shrink=shrink, global_scale=gs)
         err = _block_error(b, weight, scale, zero, fmt, gs)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = select(better, scale, best_scale)
+        best_step = torch.where(better, step, best_step)
         if zero is not None:
             best_zero = torch.where(better, zero, best_zero)
+
+    for i in range(2, steps, 2):  # every other step, then each block's two neighbours of its best one
+        try_steps(i)
+    coarse = best_step.clone()
+    for offset in (-1, 1):
+        try_steps((coarse + offset).clamp(1, steps - 1))
     if by_block:
         best_scale = best_scale.T.contiguous()
         best_zero = None if best_zero is None else best_zero.T.contiguous()

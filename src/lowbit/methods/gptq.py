@@ -126,12 +126,14 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
     signed, zeros = (fmt.signed_range(), fmt.zero_range()) if integer else (None, None)
     # a dynamic group reads the columns ahead fully updated: its first column must start a sub-block
     sub = math.gcd(SUB_BLOCK, spec.group_size) if dynamic else SUB_BLOCK
+    # Hinv's rows over their diagonal: a column's error pushed on as w - deq, no division per column
+    Hn = Hinv / Hinv.diagonal()[:, None]
     cols = WT.shape[0]
     for i1 in range(0, cols, options.block_size):
         i2 = min(i1 + options.block_size, cols)
-        W1, Hinv1 = WT[i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        diag_inv = 1 / Hinv1.diagonal()
+        W1, Hn1 = WT[i1:i2].clone(), Hn[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1) if integer else None  # the block's codes as floats, stored at its end
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
             for i in range(j1, j2):
@@ -147,20 +149,21 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
                     z = None if zeroT is None else zeroT[col]
                 w = W1[i]
                 err = Err1[i]
-                if integer:  # the same integers and values as encode/decode, in place in err (fewer small ops)
-                    x = torch.div(w, s, out=err).round_()
+                if integer:  # the same integers and values as encode/decode, in place (fewer small ops)
+                    x = torch.div(w, s, out=Q1[i]).round_()
                     x = x.clamp_(*signed) if z is None else x.add_(z).clamp_(*zeros)
-                    codesT[col].copy_(x)
-                    deq = x.mul_(s) if z is None else x.sub_(z).mul_(s)
+                    deq = torch.mul(x, s, out=err) if z is None else torch.sub(x, z, out=err).mul_(s)
                 else:
                     q = fmt.encode(w / s, z)
                     values = fmt.decode(q).to(dtype)
                     deq = (values - z) * s if z is not None else values * s
                     codesT[col] = q
-                torch.sub(w, deq, out=err).mul_(diag_inv[i])
-                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)  # one fused rank-1 update, no temporary
-            W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
-        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+                torch.sub(w, deq, out=err)
+                W1[i:j2].addr_(Hn1[i, i:j2], err, alpha=-1)  # one fused rank-1 update, no temporary
+            W1[j2:].addmm_(Hn1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
+        if integer:
+            codesT[i1:i2].copy_(Q1)
+        WT[i2:].addmm_(Hn[i1:i2, i2:].T, Err1, alpha=-1)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
