@@ -5,6 +5,10 @@
     .venv/bin/python bench/gptq_speed.py lowbit --dir /tmp/gptq-speed [--dtype auto|fp32|bf16] [--act-order] [--two-pass]
     .venv/bin/python bench/gptq_speed.py report --dir /tmp/gptq-speed      # writes bench/RESULTS.md
 
+Pairs: this machine's speed drifts by 15% and more within an hour, so one GPTQModel run against one lowbit
+run is one sample of the ratio. Copy each back-to-back pair's two result files into ``DIR/pairs/NAME/``;
+``report`` then adds a row per pair (the two runs of a pair were taken minutes apart, each alone).
+
 `prepare` writes the float model as a Hugging Face folder (built fresh from the GGUF-loaded weights) and
 the calibration windows (the same ones `lowbit quantize` draws: after the 8 x 512 evaluation tokens).
 Both runs quantize W4 g128 symmetric, with or without activation order (GPTQModel's desc_act, lowbit's
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -78,11 +83,30 @@ def report(d: Path, out: Path, note: str = "") -> None:
         peer = min(peers, key=lambda p: p["seconds"]) if peers else None
         ratio = f"{peer['seconds'] / r['seconds']:.2f}x" if peer and not r["tool"].startswith("GPTQModel") else "-"
         lines.append(f"| {r['tool']} | {r['samples']} x {r['length']} | {r['seconds']:.0f} | {ratio} |")
+    lines += _pair_rows(d)
     if note:
         lines += ["", note]
     text = "\n".join(lines) + "\n"
     print(text)
     write_section(out, title, text)
+
+
+def _pair_rows(d: Path) -> list[str]:
+    """A table of the back-to-back pairs under ``d/pairs`` (one GPTQModel and one lowbit result file each)."""
+    pairs = []
+    for folder in sorted(p for p in (d / "pairs").glob("*") if p.is_dir()):
+        runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        peer = [r for r in runs if r["tool"].startswith("GPTQModel")]
+        ours = [r for r in runs if r["tool"].startswith("lowbit")]
+        if len(peer) == 1 and len(ours) == 1:
+            pairs.append((folder.name, peer[0]["seconds"], ours[0]["seconds"]))
+    if not pairs:
+        return []
+    rows = ["", "Back-to-back pairs (GPTQModel auto dtype + act-order, lowbit one pass + act-order; each run alone):", "",
+            "| pair | GPTQModel s | lowbit s | speed-up |", "| --- | ---: | ---: | ---: |"]
+    rows += [f"| {name} | {peer:.0f} | {ours:.1f} | {peer / ours:.2f}x |" for name, peer, ours in pairs]
+    median = statistics.median(peer / ours for _, peer, ours in pairs)
+    return rows + ["", f"Median speed-up over {len(pairs)} pairs: {median:.2f}x."]
 
 
 def _order(result: dict) -> str:
