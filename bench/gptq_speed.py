@@ -69,9 +69,12 @@ def run_lowbit(d: Path, dtype: str, act_order: bool, two_pass: bool = False) -> 
     print(result)
 
 
+TITLE = "## GPTQ speed: lowbit vs GPTQModel (W4 g128, SmolLM2-135M, CPU"
+
+
 def report(d: Path, out: Path, note: str = "") -> None:
     results = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
-    title = "## GPTQ speed: lowbit vs GPTQModel (W4 g128, SmolLM2-135M, CPU)"
+    title = f"{TITLE} ({_cpu_class()})"
     lines = [title, "", "Commands: see `bench/gptq_speed.py` (prepare, gptqmodel_run.py, lowbit, report). Same float "
              "weights, same calibration token windows; seconds of quantization only, measured one after the other on "
              f"the 2-core machine ({_cpu_name()}). GPTQModel picks bf16 on CPU unless pinned (fp32). Speed-up: "
@@ -99,18 +102,27 @@ def _pair_rows(d: Path) -> list[str]:
         peer = [r for r in runs if r["tool"].startswith("GPTQModel")]
         ours = [r for r in runs if r["tool"].startswith("lowbit")]
         if len(peer) == 1 and len(ours) == 1:
-            pairs.append((folder.name, peer[0]["seconds"], ours[0]["seconds"]))
+            pairs.append((folder.name, peer[0]["tool"], peer[0]["seconds"], ours[0]["tool"], ours[0]["seconds"]))
     if not pairs:
         return []
-    rows = ["", "Back-to-back pairs (GPTQModel auto dtype + act-order, lowbit one pass + act-order; each run alone):", "",
-            "| pair | GPTQModel s | lowbit s | speed-up |", "| --- | ---: | ---: | ---: |"]
-    rows += [f"| {name} | {peer:.0f} | {ours:.1f} | {peer / ours:.2f}x |" for name, peer, ours in pairs]
-    median = statistics.median(peer / ours for _, peer, ours in pairs)
+    rows = ["", "Back-to-back pairs (each run alone on the machine):", "",
+            "| pair | GPTQModel run | s | lowbit run | s | speed-up |", "| --- | --- | ---: | --- | ---: | ---: |"]
+    rows += [f"| {name} | {peer_tool} | {peer:.0f} | {tool} | {ours:.1f} | {peer / ours:.2f}x |"
+             for name, peer_tool, peer, tool, ours in pairs]
+    median = statistics.median(peer / ours for _, _, peer, _, ours in pairs)
     return rows + ["", f"Median speed-up over {len(pairs)} pairs: {median:.2f}x."]
 
 
 def _order(result: dict) -> str:
     return "no act-order" if "no act-order" in result["tool"] else "act-order"
+
+
+def _cpu_class() -> str:
+    """Native bf16 or not: it decides lowbit's pass dtype and GPTQModel's fastest one, so each class keeps its own
+    results section."""
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return "CPU with avx512_bf16" if "avx512_bf16" in flags else "CPU without native bf16"
 
 
 def _cpu_name() -> str:

@@ -22,11 +22,9 @@ from lowbit.hardware import cpu_has_bf16  # noqa: F401  (re-exported: bench scri
 from lowbit.formats.activation import parse_activation_spec
 from lowbit.eval.encoder import compare_embeddings, embed
 from lowbit.eval.lm import compare_lm, lm_reference
-from lowbit.eval.estimate import gguf_bytes, recipe_bytes
 from lowbit.eval.size import quantized_bits_per_weight
 from lowbit.io_utils import atomic_directory
 from lowbit.model.apply import QuantizedModel, quantize_model
-from lowbit.model.embeddings import EmbeddingPlan, HeadOptions, plan_embeddings
 from lowbit.model.finite import check_forward, check_parameters, check_quantized, probe_inputs
 from lowbit.model.checkpoint import (DEFAULT_SHARD_BYTES, WEIGHTS_FILE, load_checkpoint, read_manifest, weights_bytes,
                                      write_checkpoint)
@@ -36,6 +34,7 @@ from lowbit.pipeline.calibrated import peak_rss_mb, quantize_calibrated
 from lowbit.pipeline.resume import BlockState, make_fingerprint, source_identity, state_folder
 from lowbit.recipe import DEFAULT_IGNORE, Recipe, Rule, load_recipe, parse_rule, save_recipe
 from lowbit.schemes import get_scheme, weight_spec
+from lowbit.workflow_report import checkpoint_manifest, checkpoint_report, heads_report, plan_heads, write_report
 
 DEFAULT_SCHEME = "W4A16"
 log = logging.getLogger("lowbit")
@@ -299,7 +298,7 @@ def _plan_budget(opts: QuantizeOptions, recipe: Recipe, loaded: LoadedModel, pro
         return None
     from lowbit.analysis.budget import Budget, parse_size
     from lowbit.analysis.planning import plan_budget
-    from lowbit.analysis.sensitivity import EVAL_TOKENS, AnalyzeOptions
+    from lowbit.analysis.sensitivity import AnalyzeOptions
 
     if opts.recipe_file or opts.preset:
         raise LowbitError("--target-bpw/--target-size choose the recipe themselves; drop --recipe/--preset")
@@ -369,64 +368,3 @@ def eval_job(out_dir: str | Path, opts: EvalOptions, progress: bool = True) -> d
         "size_bytes": weights_bytes(out_dir / WEIGHTS_FILE), "bits_per_weight": bpw,
         "eval": metrics, "seconds": {"eval": time.perf_counter() - t0}, "lowbit_version": __version__,
     }
-
-
-def _main_spec(recipe: Recipe) -> str | None:
-    specs = [str(r.spec) for r in recipe.rules if r.spec is not None]
-    return specs[-1] if specs else None
-
-
-def checkpoint_manifest(loaded: LoadedModel, recipe: Recipe) -> dict[str, Any]:
-    return {"lowbit_version": __version__, "format_version": 1, "source": loaded.source, "kind": loaded.kind,
-            "scheme": recipe.scheme, "method": recipe.method, "spec": _main_spec(recipe)}
-
-
-def checkpoint_report(loaded: LoadedModel, qm: QuantizedModel, out: Path, metrics, seconds) -> dict[str, Any]:
-    weights = out / WEIGHTS_FILE
-    bpw = quantized_bits_per_weight(weights)
-    return {
-        "model": loaded.source, "kind": loaded.kind, "scheme": qm.recipe.scheme, "method": qm.recipe.method,
-        "spec": _main_spec(qm.recipe), "float_dtype": qm.recipe.float_dtype,
-        "size_bytes": weights_bytes(weights), "source_bytes": loaded.source_bytes,
-        "bits_per_weight": bpw if bpw is not None else float(16 if qm.recipe.float_dtype != "fp32" else 32),
-        "quantized_tensors": len(qm.qtensors), "quantized_weights": sum(q.numel for q in qm.qtensors.values()),
-        "eval": metrics, "seconds": seconds, "lowbit_version": __version__,
-    }
-
-
-REFERENCE_GGUF = "Q4_K_M"  # a 4-bit output is never larger than this GGUF mix of the same model
-
-
-def _size_bound(recipe: Recipe, model: torch.nn.Module) -> int | None:
-    """Tensor bytes of the Q4_K_M GGUF of ``model`` when the recipe's main spec has 4 bits or fewer, else None."""
-    specs = [r.spec for r in recipe.rules if r.spec is not None]
-    if not specs or specs[-1].bits > 4:
-        return None
-    reference = gguf_bytes(model, REFERENCE_GGUF)
-    return None if reference is None else reference["bytes"]
-
-
-def plan_heads(opts: QuantizeOptions, recipe: Recipe, model: torch.nn.Module) -> EmbeddingPlan:
-    """The recipe with rules for the token embedding and output head (flags, or the default, which for 4-bit
-    schemes stays within the Q4_K_M GGUF size)."""
-    bound = _size_bound(recipe, model)
-    fits = None if bound is None else (lambda r: recipe_bytes(model, r) <= bound)
-    return plan_embeddings(recipe, model, HeadOptions(opts.embeddings, opts.lm_head), fits)
-
-
-def heads_report(heads: EmbeddingPlan, qm: QuantizedModel, model: torch.nn.Module, size: int) -> dict[str, Any]:
-    """report.json's ``embeddings``/``lm_head`` (what they got and why) and, for 4-bit schemes,
-    ``gguf_reference``: the Q4_K_M GGUF's tensor bytes next to the bytes written."""
-    out: dict[str, Any] = heads.describe(qm.qtensors)
-    bound = _size_bound(qm.recipe, model)
-    if bound is not None:
-        out["gguf_reference"] = {"type": REFERENCE_GGUF, "tensor_bytes": bound, "output_bytes": size,
-                                 "not_larger": size <= bound}
-    return out
-
-
-def write_report(report: dict[str, Any], path: Path) -> None:
-    """report.json, pretty-printed."""
-    import json
-
-    path.write_text(json.dumps(report, indent=2) + "\n")

@@ -38,8 +38,9 @@ from lowbit.training.blockwise import BlockOptions, reconstruct_blocks
 from lowbit.training.fake_quant import QATLinear, check_trainable
 from lowbit.training.loop import TrainOptions, train
 from lowbit.training.state import saved_step
-from lowbit.workflow import (Evaluator, QuantizeOptions, build_recipe, checkpoint_manifest, checkpoint_report,
-                             default_out_dir, heads_report, plan_heads, post_training, resolve_aliases, write_report)
+from lowbit.workflow import (Evaluator, QuantizeOptions, build_recipe, default_out_dir, post_training,
+                             resolve_aliases)
+from lowbit.workflow_report import checkpoint_manifest, checkpoint_report, heads_report, plan_heads, write_report
 
 INIT_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 MONITOR_WINDOWS = 2

@@ -41,7 +41,8 @@ def stream_job(opts, recipe: Recipe, out_dir: Path, progress: bool) -> tuple[dic
     from lowbit.model.checkpoint import CheckpointShards
     from lowbit.model.streaming import StreamingSource
     from lowbit.pipeline.calibrated import quantize_calibrated
-    from lowbit.workflow import _compute_dtype, calibration_with_state, plan_heads, resolve_aliases
+    from lowbit.workflow import _compute_dtype, calibration_with_state, resolve_aliases
+    from lowbit.workflow_report import plan_heads
 
     if opts.max_memory is not None:
         parse_memory(opts.max_memory)  # a malformed size is refused before anything is read
@@ -89,7 +90,7 @@ def _finish(qm, shards, tmp: Path, loaded: LoadedModel, heads, calib, estimate: 
     from lowbit.model.finite import check_quantized
     from lowbit.pipeline.calibrated import peak_rss_mb
     from lowbit.recipe import save_recipe
-    from lowbit.workflow import checkpoint_manifest, checkpoint_report, heads_report, write_report
+    from lowbit.workflow_report import checkpoint_manifest, checkpoint_report, heads_report, write_report
 
     check_quantized(qm, None)  # the blocks were checked as they were handed over; this is the rest
     shards.add(qm.qtensors, qm.float_tensors, input_quantizers(qm.model))

@@ -17,7 +17,8 @@ from lowbit.model.apply import plan, quantize_model
 from lowbit.model.checkpoint import load_checkpoint, read_qtensors, write_checkpoint
 from lowbit.model.embeddings import HeadOptions, embedding_share, plan_embeddings
 from lowbit.recipe import load_recipe, save_recipe
-from lowbit.workflow import QuantizeOptions, build_recipe, plan_heads
+from lowbit.workflow import QuantizeOptions, build_recipe
+from lowbit.workflow_report import plan_heads
 from tests.arch_models import save_tiny, tiny_model
 from tests.conftest import make_tiny_llama, make_tokenizer
 

@@ -24,7 +24,7 @@ def sensitivity_section(sens: Sensitivity) -> dict[str, Any]:
 
 def write_analysis(sens: Sensitivity, out: Path) -> None:
     """``out/sensitivity.json`` and ``out/sensitivity.png`` (per-linear bars), each written atomically."""
-    from lowbit.analysis.page import sensitivity_plot
+    from lowbit.analysis.plots import sensitivity_plot
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "sensitivity.json", force=True) as tmp:

@@ -30,7 +30,8 @@ FULL_FISHER_ROWS = 4096  # output width up to which E[g g^T] is kept whole (64 M
 
 @dataclass
 class LinearStats:
-    """Sums over calibration tokens for one linear: x x^T (cols x cols), g^2 per output row, token count."""
+    """Sums over calibration tokens for one linear: x x^T (cols x cols; one tensor shared by the linears that read
+    the same input, never to be changed in place), g^2 per output row, token count."""
 
     xtx: torch.Tensor
     g2: torch.Tensor
@@ -76,16 +77,20 @@ def collect_proxy_stats(model: nn.Module, targets: dict[str, nn.Linear], windows
     def forward_hook(name: str):
         def hook(module, args, output):
             x = args[0].detach()
+            if name not in group_of:  # the first batch: which linear first read this very input tensor
+                alive.append(args[0])
+                group_of[name] = first_reader.setdefault(id(args[0]), name)
+            first = group_of[name]
             s = stats.linears.get(name)
             if s is None:
                 rows = output.shape[-1]
-                s = stats.linears[name] = LinearStats(torch.zeros(x.shape[-1], x.shape[-1]), torch.zeros(rows),
+                # linears reading the same input (q/k/v, gate/up) share one x x^T: the same sums, computed once
+                xtx = stats.linears[first].xtx if first != name else torch.zeros(x.shape[-1], x.shape[-1])
+                s = stats.linears[name] = LinearStats(xtx, torch.zeros(rows),
                                                       torch.zeros(rows, rows) if rows <= FULL_FISHER_ROWS else None)
-            if name not in group_of:
-                alive.append(args[0])
-                group_of[name] = first_reader.setdefault(id(args[0]), name)
             flat = x.reshape(-1, x.shape[-1]).float()
-            s.xtx.addmm_(flat.T, flat)
+            if first == name:  # the first reader's hook runs first in every batch
+                s.xtx.addmm_(flat.T, flat)
             s.tokens += flat.shape[0]
             if output.requires_grad:
                 output.register_hook(_fisher_hook(s))

@@ -22,23 +22,16 @@ import torch
 
 from lowbit.gguf.blocks import BlockType
 from lowbit.gguf.grid import Grid, nearest_level
-from lowbit.methods.hessian_factor import upper_inverse_cholesky
+from lowbit.methods.hessian_factor import damped_upper_inverse_cholesky
 
 
-def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1 (float32) and the mask of dead input columns."""
+def inverse_hessian_factor(h: torch.Tensor, damp: float, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1 (computed in float64, returned as float32; dampening
+    raised tenfold while H is not definite) and the mask of dead input columns."""
     h = h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diag(h).mean()
-    for extra in (0.0, 0.1, 1.0):
-        try:
-            if extra:
-                h += torch.eye(h.shape[0], dtype=h.dtype) * extra * torch.diag(h).mean()
-            return upper_inverse_cholesky(h).float(), dead
-        except torch.linalg.LinAlgError:
-            continue
-    raise RuntimeError("Hessian is not positive definite even with heavy damping")
+    return damped_upper_inverse_cholesky(h, damp, name).float(), dead
 
 
 def _round_column(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, grid: Grid

@@ -270,7 +270,6 @@ class IQ3_S(_Lattice):
 
     @classmethod
     def pack_code(cls, code: LatticeCode) -> np.ndarray:
-        n = code.index.shape[0]
         qs = (code.index & 0xFF).astype(np.uint8)
         qh = _bits_to_bytes(code.index >= 256)
         scales = (code.ls[:, 0::2] | (code.ls[:, 1::2] << 4)).astype(np.uint8)

@@ -28,7 +28,7 @@ from lowbit.formats.scales import scale_values
 from lowbit.formats.registry import get_format
 from lowbit.formats.scale_search import search_params
 from lowbit.formats.spec import QuantSpec
-from lowbit.methods.hessian_factor import upper_inverse_cholesky
+from lowbit.methods.hessian_factor import damped_upper_inverse_cholesky
 
 SUB_BLOCK = 16  # columns whose errors are pushed one by one inside a lazy-update block (``_column_loop``)
 
@@ -90,7 +90,7 @@ def gptq(
         if static[1] is not None:
             zeroT = blocks.expand(static[1].float(), (rows, cols), block).T[perm].to(dtype).contiguous()
     with _one_thread():  # also the factorization: its result must not depend on the thread count (resume)
-        Hinv = _inverse_cholesky(H, options.damp, name)
+        Hinv = damped_upper_inverse_cholesky(H, options.damp, name)
         _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, options, dtype)
     codes = codesT[torch.argsort(perm)].T.contiguous()
     if dynamic:
@@ -165,15 +165,3 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
         if integer:
             codesT[i1:i2].copy_(Q1)
         WT[i2:].addmm_(Hn[i1:i2, i2:].T, Err1, alpha=-1)
-
-
-def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping if H is not definite."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    mean_diag = H.diagonal().mean()
-    for attempt in range(6):
-        try:
-            return upper_inverse_cholesky(H + eye * (damp * 10**attempt) * mean_diag)
-        except torch._C._LinAlgError:  # type: ignore[attr-defined]
-            continue
-    raise LowbitError(f"{name}: the input Hessian is not positive definite even with strong dampening")

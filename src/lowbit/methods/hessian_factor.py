@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import LowbitError
+
 LEAF = 128  # blocks this small are inverted by a triangular solve against the identity
 
 
@@ -21,6 +23,21 @@ def upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     Raises ``torch.linalg.LinAlgError`` when ``h`` is not positive definite."""
     lower = torch.linalg.cholesky(h.flip(0, 1))
     return lower_triangular_inverse(lower).flip(0, 1)
+
+
+def damped_upper_inverse_cholesky(h: torch.Tensor, damp: float, name: str, attempts: int = 6) -> torch.Tensor:
+    """U of (h + d * mean(diag h) * I)^-1, d = ``damp`` first, then ten times more on each failure (a Hessian
+    of too few or collinear inputs is only semi-definite); computed in ``h``'s dtype. Raises LowbitError naming
+    ``name`` when even ``damp * 10**(attempts-1)`` does not make it definite. GPTQ and the GGUF error feedback
+    both read their factor from here."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    mean_diag = h.diagonal().mean()
+    for attempt in range(attempts):
+        try:
+            return upper_inverse_cholesky(h + eye * (damp * 10**attempt) * mean_diag)
+        except torch.linalg.LinAlgError:
+            continue
+    raise LowbitError(f"{name}: the input Hessian is not positive definite even with strong dampening")
 
 
 def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
