@@ -2,6 +2,7 @@ import collections
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 
@@ -33,8 +34,17 @@ def test_int8_qdq_runs_on_integer_kernels_with_the_same_accuracy(digits, digits_
     assert abs(ort_acc - accuracy(q, digits.test_x, digits.test_y)) <= 0.5
     ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
     assert ops["QLinearConv"] == 8 and ops["Conv"] == 0, ops  # every conv runs on the int8 kernel
-    dq = [n for n in onnx.load(path).graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("/weight")]
+    graph = onnx.load(path).graph
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("/weight")]
     assert dq and all(a.i == 0 for n in dq for a in n.attribute if a.name == "axis")
+    # No weight can saturate the uint8 x int8 kernel of AVX2 CPUs without VNNI (pairs of products in 16 bits):
+    # int8 codes stay within +-64, full 8-bit codes are stored as uint8 around zero point 128.
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in dq:
+        codes, zero = inits[node.input[0]], inits[node.input[2]]
+        assert codes.dtype == zero.dtype
+        assert codes.dtype == np.uint8 and (zero == 128).all() or np.abs(codes.astype(int)).max() <= 64, node.name
+    assert any(inits[n.input[0]].dtype == np.uint8 for n in dq)  # this model's 8-bit grids use the full range
 
 
 def test_fp32_export_matches_torch(digits, digits_model, tmp_path):

@@ -60,9 +60,22 @@ def integer_kernel_ready(weight: OnnxWeight, act: ActivationSpec | None) -> bool
             and (weight.scale.ndim == 0 or weight.axis == 1))
 
 
+def saturation_free(codes: np.ndarray) -> bool:
+    """Whether signed codes can be stored as int8 for the fast uint8 x int8 kernel without saturating it."""
+    return int(np.abs(codes.astype(np.int16)).max(initial=0)) <= SATURATION_FREE_MAGNITUDE
+
+
+def signed_kernel_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signed weight codes and zero point for an integer kernel: int8 (zero point 0) when that is exact on
+    every x86 CPU, else shifted to uint8 with zero point 128 (the same values, the exact uint8 x uint8 kernel)."""
+    if saturation_free(codes):
+        return codes.astype(np.int8), np.array(0, np.int8)
+    return (codes.astype(np.int16) + 128).astype(np.uint8), np.array(128, np.uint8)
+
+
 def fast_int8_codes(weight: OnnxWeight) -> bool:
     """Whether the codes can be stored as int8 for the fast uint8 x int8 kernel without saturating it."""
-    return weight.signed and int(np.abs(weight.codes.astype(np.int16)).max(initial=0)) <= SATURATION_FREE_MAGNITUDE
+    return weight.signed and saturation_free(weight.codes)
 
 
 def integer_operands(weight: OnnxWeight) -> tuple[np.ndarray, np.ndarray]:
@@ -72,10 +85,8 @@ def integer_operands(weight: OnnxWeight) -> tuple[np.ndarray, np.ndarray]:
     16-bit lanes: exact when every |code| <= 64 (255 * 64 * 2 < 2^15), i.e. for 7-bit or smaller grids.
     Full 8-bit codes are shifted to uint8 (zero point 128) for the exact uint8 x uint8 kernel.
     """
-    if fast_int8_codes(weight):
-        return weight.codes.astype(np.int8), np.array(0, np.int8)
     if weight.signed:
-        return (weight.codes.astype(np.int16) + 128).astype(np.uint8), np.array(128, np.uint8)
+        return signed_kernel_codes(weight.codes)
     zero = np.zeros((), np.uint8) if weight.zero_point is None else weight.zero_point.astype(np.uint8)
     return weight.codes.astype(np.uint8), zero
 
