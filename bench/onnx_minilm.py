@@ -38,21 +38,12 @@ from results_file import write_section  # noqa: E402
 from lowbit.data.text import load_text, paragraphs  # noqa: E402
 from lowbit.eval.encoder import embed  # noqa: E402
 from lowbit.export.onnx import EVAL_PARAGRAPHS, OnnxExportOptions, export_onnx  # noqa: E402
+from lowbit.hardware import kernel_class  # noqa: E402
 from lowbit.model.load import load_model  # noqa: E402
 
 TITLE = "## ONNX: MiniLM int8 in onnxruntime, lowbit vs quantize_dynamic"
 
 
-def kernel_class() -> str:
-    """What picks onnxruntime's int8 kernels on x86: AVX-512 VNNI, AVX-VNNI, or plain AVX2. Each class keeps its
-    own results section (the issue asks for parity on every CPU, and the kernels differ by class)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    if "avx512_vnni" in flags:
-        return "AVX-512 VNNI"
-    if "avx_vnni" in flags:
-        return "AVX-VNNI"
-    return "AVX2" if "avx2" in flags else "no AVX2"
 READING = (
     "Reading: the first speed gap was not in the quantized products. onnxruntime fuses a residual Add + "
     "LayerNormalization into SkipLayerNormalization, whose CPU kernel is scalar (a serial sum, a division per "

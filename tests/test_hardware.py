@@ -23,3 +23,15 @@ def _run(env_extra: dict[str, str]) -> str:
 def test_steady_allocator_applies_once_and_respects_the_users_malloc_settings():
     assert _run({}).split() == ["True", "True"]
     assert _run({"MALLOC_ARENA_MAX": "4"}).split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f avx512_vnni", "AVX-512 VNNI"),
+                                             ("fpu avx2 avx_vnni", "AVX-VNNI"), ("fpu sse4_2 avx2", "AVX2"),
+                                             ("fpu sse4_2", "no AVX2")])
+def test_kernel_class_reads_the_cpu_flags(tmp_path, flags, expected):
+    from lowbit.hardware import kernel_class
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert kernel_class(info) == expected
+    assert kernel_class(tmp_path / "absent") == "no AVX2"

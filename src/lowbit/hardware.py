@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,18 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def kernel_class(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What picks onnxruntime's int8 kernels on x86: AVX-512 VNNI, AVX-VNNI, or plain AVX2. Benchmarks keep one
+    results section per class: the kernels, and so the speeds, differ by class."""
+    info = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    if "avx512_vnni" in flags:
+        return "AVX-512 VNNI"
+    if "avx_vnni" in flags:
+        return "AVX-VNNI"
+    return "AVX2" if "avx2" in flags else "no AVX2"
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -47,6 +47,19 @@ def test_int8_qdq_runs_on_integer_kernels_with_the_same_accuracy(digits, digits_
     assert any(inits[n.input[0]].dtype == np.uint8 for n in dq)  # this model's 8-bit grids use the full range
 
 
+def test_w7a8_keeps_int8_codes_for_the_fast_kernel_with_the_same_accuracy(digits, digits_model, tmp_path):
+    q = quantize_cnn(digits_model, "w7a8", digits.train_x[:512])
+    path = export_onnx(q, tmp_path / "digits_w7a8.onnx", (1, 8, 8), "qdq", freeze(q))
+    logits = _run(path, digits.test_x, optimized=tmp_path / "opt.onnx")
+    ort_acc = 100.0 * float((logits.argmax(-1) == digits.test_y.numpy()).mean())
+    assert abs(ort_acc - accuracy(q, digits.test_x, digits.test_y)) <= 0.5
+    graph = onnx.load(path).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    codes = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("/weight")]
+    assert codes and all(c.dtype == np.int8 and np.abs(c.astype(int)).max() <= 64 for c in codes)
+    assert collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)["QLinearConv"] == 8
+
+
 def test_fp32_export_matches_torch(digits, digits_model, tmp_path):
     folded = fold_batchnorm(digits_model)
     path = export_onnx(folded, tmp_path / "digits_fp32.onnx", (1, 8, 8), "fp32")

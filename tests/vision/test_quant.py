@@ -49,5 +49,5 @@ def test_unsigned_activation_grid_after_relu():
 
 
 def test_unknown_scheme_is_a_one_line_error():
-    with pytest.raises(LowbitError, match="unknown CNN scheme 'w3a3'; use one of int8, w4a4, xnor"):
+    with pytest.raises(LowbitError, match="unknown CNN scheme 'w3a3'; use one of int8, w7a8, w4a4, xnor"):
         get_scheme("w3a3")

@@ -2,6 +2,9 @@
 
 - ``int8``: per-output-channel symmetric int8 weights, static per-tensor 8-bit activations (uint8 after
   ReLU, int8 elsewhere), ranges from an observer on calibration images. The PTQ target and ONNX QDQ export.
+- ``w7a8``: ``int8`` with 7-bit weights (codes within +-64, what onnxruntime's ``reduce_range`` does): its ONNX
+  file runs on the fast uint8 x int8 kernel on every x86 CPU without saturating it, where full 8-bit weights
+  need the exact but slower uint8 x uint8 kernel (ResNet-50, AVX-512 VNNI: 1.8x the latency; bench/RESULTS_vision.md).
 - ``w4a4``: per-channel 4-bit weights and 4-bit static activations, every layer; QAT with LSQ steps.
 - ``xnor``: XNOR-Net: every inner conv has binary weights (sign x per-channel mean|W|) and binarizes its
   input (sign with STE, scaled by K); the first conv and the last linear keep int8 weights and inputs, as
@@ -45,6 +48,7 @@ class CNNScheme:
 
 SCHEMES: dict[str, CNNScheme] = {
     "int8": CNNScheme("int8", weight="int8:channel:scale=fp32", act_bits=8, observer="percentile"),
+    "w7a8": CNNScheme("w7a8", weight="int7:channel:scale=fp32", act_bits=8, observer="percentile"),
     "w4a4": CNNScheme("w4a4", weight="int4:channel:mse:scale=fp32", act_bits=4),
     "xnor": CNNScheme("xnor", weight="binary", act_bits=8, edge_weight="int8:channel:scale=fp32", edge_act_bits=8),
 }

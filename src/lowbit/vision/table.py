@@ -25,7 +25,7 @@ from lowbit.vision.qat import QATConfig, train_qat
 from lowbit.vision.resnet50 import resnet50
 from lowbit.vision.train import accuracy
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "w7a8")
 
 
 @dataclass(frozen=True)
@@ -39,18 +39,17 @@ class LatencyRow:
 
 def export_resnet50(workdir: Path, image_size: int = 224, calibration_images: int = 4, seed: int = 0,
                     **model_kwargs) -> dict[str, Path]:
-    """Write ResNet-50 (random init) as FP32, FP16 and INT8 QDQ ONNX under ``workdir``; INT8 activations are
-    calibrated (percentile observer, one pass) on seeded random images."""
+    """Write ResNet-50 (random init) as FP32, FP16 and QDQ ONNX (schemes int8 and w7a8) under ``workdir``;
+    activations are calibrated (percentile observer, one pass) on seeded random images."""
     model = resnet50(seed=seed, **model_kwargs)
     shape = (3, image_size, image_size)
     folded = fold_batchnorm(model)
     paths = {p: export_onnx(folded, Path(workdir) / f"resnet50_{p}.onnx", shape, p) for p in ("fp32", "fp16")}
     images = torch.randn(calibration_images, *shape, generator=torch.Generator().manual_seed(seed))
-    from dataclasses import replace
     from lowbit.vision.schemes import get_scheme
-    qmodel = calibrate(prepare(model, replace(get_scheme("int8"), observer="percentile")), images,
-                       batch_size=calibration_images, sequential=False)
-    paths["int8"] = export_onnx(qmodel, Path(workdir) / "resnet50_int8.onnx", shape, "qdq", freeze(qmodel))
+    for name in ("int8", "w7a8"):
+        qmodel = calibrate(prepare(model, get_scheme(name)), images, batch_size=calibration_images, sequential=False)
+        paths[name] = export_onnx(qmodel, Path(workdir) / f"resnet50_{name}.onnx", shape, "qdq", freeze(qmodel))
     return paths
 
 
@@ -79,13 +78,14 @@ def measure_latency(paths: dict[str, Path], runs: int = 20, warmup: int = 3, thr
 
 
 def digits_accuracies(config: DigitsNetConfig = DigitsNetConfig()) -> dict[str, float]:
-    """Digits test accuracy (percent) of the float net, INT8 PTQ, W4A4 QAT and XNOR QAT."""
+    """Digits test accuracy (percent) of the float net, INT8 and W7A8 PTQ, W4A4 QAT and XNOR QAT."""
     data = load_digits_split(config.split_seed)
     model = digits_net(config, data)
     calib = data.train_x[:512]
     return {
         "float": accuracy(model, data.test_x, data.test_y),
         "int8_ptq": accuracy(quantize_cnn(model, "int8", calib), data.test_x, data.test_y),
+        "w7a8_ptq": accuracy(quantize_cnn(model, "w7a8", calib), data.test_x, data.test_y),
         "w4a4_qat": accuracy(train_qat(model, data.train_x, data.train_y, QATConfig("w4a4")), data.test_x, data.test_y),
         "xnor_qat": accuracy(train_qat(model, data.train_x, data.train_y, QATConfig("xnor")), data.test_x, data.test_y),
     }
@@ -95,7 +95,7 @@ def table_rows(rows: list[LatencyRow], accuracies: dict[str, float] | None) -> l
     """Header and cells of the combined table (digits accuracy columns are the same in every row)."""
     fp32 = next(r for r in rows if r.precision == "fp32")
     head = ["ResNet-50 ONNX", "size (MB)", "latency (ms)", "speed vs FP32"]
-    acc_cols = ["float", "int8_ptq", "w4a4_qat", "xnor_qat"]
+    acc_cols = ["float", "int8_ptq", "w7a8_ptq", "w4a4_qat", "xnor_qat"]
     if accuracies:
         head += [f"digits {c} (%)" for c in acc_cols]
     out = [head]

@@ -86,7 +86,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
                 if not bool(torch.isfinite(loss)):
                     model.load_state_dict(good)
                     model.eval()
-                    raise LowbitError(f"{what}: loss is {float(loss)} at epoch {epoch + 1} step {step + 1}; "
+                    raise LowbitError(f"{what}: loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1}; "
                                       f"the model keeps its state after epoch {epoch}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
