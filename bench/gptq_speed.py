@@ -69,12 +69,12 @@ def run_lowbit(d: Path, dtype: str, act_order: bool, two_pass: bool = False) -> 
     print(result)
 
 
-TITLE = "## GPTQ speed: lowbit vs GPTQModel (W4 g128, SmolLM2-135M, CPU"
+TITLE = "## GPTQ speed: lowbit vs GPTQModel (W4 g128, SmolLM2-135M"
 
 
 def report(d: Path, out: Path, note: str = "") -> None:
     results = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
-    title = f"{TITLE} ({_cpu_class()})"
+    title = f"{TITLE}, {_cpu_class()})"
     lines = [title, "", "Commands: see `bench/gptq_speed.py` (prepare, gptqmodel_run.py, lowbit, report). Same float "
              "weights, same calibration token windows; seconds of quantization only, measured one after the other on "
              f"the 2-core machine ({_cpu_name()}). GPTQModel picks bf16 on CPU unless pinned (fp32). Speed-up: "
