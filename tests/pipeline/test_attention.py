@@ -10,7 +10,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import lowbit.pipeline.attention as attention
-from lowbit.pipeline.attention import causal_chunk_attention, chunked_attention
+from lowbit.pipeline.attention import causal_chunk_attention
 from lowbit.pipeline.compute import as_float32, computing_in
 from lowbit.pipeline.layers import capture_inputs, find_blocks, run_block
 from tests.arch_models import random_ids, tiny_model
