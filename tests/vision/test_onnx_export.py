@@ -26,20 +26,26 @@ def _run(path, x, optimized=None):
     return sess.run(None, {"input": x.numpy()})[0]
 
 
-def test_int8_qdq_runs_on_integer_kernels_with_the_same_accuracy(digits, digits_model, tmp_path):
-    q = quantize_cnn(digits_model, "int8", digits.train_x[:512])
-    path = export_onnx(q, tmp_path / "digits_int8.onnx", (1, 8, 8), "qdq", freeze(q))
+def _export_and_check_accuracy(digits, q, tmp_path):
+    """Export ``q`` as QDQ ONNX, check onnxruntime's accuracy against PyTorch's (within 0.5 points); returns the
+    optimized graph's op counts, the weight DequantizeLinear nodes and the file's initializers by name."""
+    path = export_onnx(q, tmp_path / "digits_qdq.onnx", (1, 8, 8), "qdq", freeze(q))
     logits = _run(path, digits.test_x, optimized=tmp_path / "opt.onnx")
     ort_acc = 100.0 * float((logits.argmax(-1) == digits.test_y.numpy()).mean())
     assert abs(ort_acc - accuracy(q, digits.test_x, digits.test_y)) <= 0.5
     ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
-    assert ops["QLinearConv"] == 8 and ops["Conv"] == 0, ops  # every conv runs on the int8 kernel
     graph = onnx.load(path).graph
     dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("/weight")]
+    return ops, dq, {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+
+def test_int8_qdq_runs_on_integer_kernels_with_the_same_accuracy(digits, digits_model, tmp_path):
+    ops, dq, inits = _export_and_check_accuracy(digits, quantize_cnn(digits_model, "int8", digits.train_x[:512]),
+                                                tmp_path)
+    assert ops["QLinearConv"] == 8 and ops["Conv"] == 0, ops  # every conv runs on the int8 kernel
     assert dq and all(a.i == 0 for n in dq for a in n.attribute if a.name == "axis")
     # No weight can saturate the uint8 x int8 kernel of AVX2 CPUs without VNNI (pairs of products in 16 bits):
     # int8 codes stay within +-64, full 8-bit codes are stored as uint8 around zero point 128.
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for node in dq:
         codes, zero = inits[node.input[0]], inits[node.input[2]]
         assert codes.dtype == zero.dtype
@@ -48,16 +54,11 @@ def test_int8_qdq_runs_on_integer_kernels_with_the_same_accuracy(digits, digits_
 
 
 def test_w7a8_keeps_int8_codes_for_the_fast_kernel_with_the_same_accuracy(digits, digits_model, tmp_path):
-    q = quantize_cnn(digits_model, "w7a8", digits.train_x[:512])
-    path = export_onnx(q, tmp_path / "digits_w7a8.onnx", (1, 8, 8), "qdq", freeze(q))
-    logits = _run(path, digits.test_x, optimized=tmp_path / "opt.onnx")
-    ort_acc = 100.0 * float((logits.argmax(-1) == digits.test_y.numpy()).mean())
-    assert abs(ort_acc - accuracy(q, digits.test_x, digits.test_y)) <= 0.5
-    graph = onnx.load(path).graph
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    codes = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("/weight")]
+    ops, dq, inits = _export_and_check_accuracy(digits, quantize_cnn(digits_model, "w7a8", digits.train_x[:512]),
+                                                tmp_path)
+    codes = [inits[n.input[0]] for n in dq]
     assert codes and all(c.dtype == np.int8 and np.abs(c.astype(int)).max() <= 64 for c in codes)
-    assert collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)["QLinearConv"] == 8
+    assert ops["QLinearConv"] == 8
 
 
 def test_fp32_export_matches_torch(digits, digits_model, tmp_path):
