@@ -28,6 +28,7 @@ from lowbit.formats.scales import scale_values
 from lowbit.formats.registry import get_format
 from lowbit.formats.scale_search import search_params
 from lowbit.formats.spec import QuantSpec
+from lowbit.methods.gptq_kernel import round_columns
 from lowbit.methods.hessian_factor import damped_upper_inverse_cholesky
 
 SUB_BLOCK = 16  # columns whose errors are pushed one by one inside a lazy-update block (``_column_loop``)
@@ -119,12 +120,11 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
     every step reads, rounds and updates contiguous memory (the column-major walk over a row-major weight
     was ~1.5x slower). The lazy updates are two-level: a column's error goes at once only to the columns of
     its sub-block of ``SUB_BLOCK``; the rest of the block gets each sub-block's errors in one product, the rest
-    of the matrix each block's. Same arithmetic, in products instead of rank-1 updates. With Hinv's rows
-    divided by their diagonal once and a block's codes stored at its end (two fewer ops per column), the loop
-    takes 0.8x the time it did on SmolLM2's linears."""
+    of the matrix each block's. Same arithmetic, in products instead of rank-1 updates. Integer formats in
+    fp32/fp64 round a sub-block in one compiled call (``lowbit.methods.gptq_kernel``; the per-column tensor
+    operations were ~120 us a column of dispatch), their codes stored as floats at the block's end."""
     fmt = get_format(spec.format)
-    integer = isinstance(fmt, IntegerFormat) and dtype == torch.float32
-    signed, zeros = (fmt.signed_range(), fmt.zero_range()) if integer else (None, None)
+    compiled = isinstance(fmt, IntegerFormat) and dtype in (torch.float32, torch.float64)
     # a dynamic group reads the columns ahead fully updated: its first column must start a sub-block
     sub = math.gcd(SUB_BLOCK, spec.group_size) if dynamic else SUB_BLOCK
     # Hinv's rows over their diagonal: a column's error pushed on as w - deq, no division per column
@@ -134,34 +134,56 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
         i2 = min(i1 + options.block_size, cols)
         W1, Hn1 = WT[i1:i2].clone(), Hn[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
-        Q1 = torch.empty_like(W1) if integer else None  # the block's codes as floats, stored at its end
+        Q1 = torch.empty_like(W1) if compiled else None  # the block's codes as floats, stored at its end
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
-            for i in range(j1, j2):
-                col = i1 + i
-                if dynamic:
-                    if col % spec.group_size == 0:
-                        g = torch.cat([W1[i:], WT[i2:]])[: spec.group_size]
-                        group_params.append(search_params(g.T.float(), spec.with_options(granularity="channel")))
-                    s = group_params[-1][0].to(dtype)[:, 0]
-                    z = None if group_params[-1][1] is None else group_params[-1][1].to(dtype)[:, 0]
-                else:
-                    s = scaleT[col]
-                    z = None if zeroT is None else zeroT[col]
-                w = W1[i]
-                err = Err1[i]
-                if integer:  # the same integers and values as encode/decode, in place (fewer small ops)
-                    x = torch.div(w, s, out=Q1[i]).round_()
-                    x = x.clamp_(*signed) if z is None else x.add_(z).clamp_(*zeros)
-                    deq = torch.mul(x, s, out=err) if z is None else torch.sub(x, z, out=err).mul_(s)
-                else:
-                    q = fmt.encode(w / s, z)
+            if compiled:
+                _round_integer_columns(W1, WT, Hn1, Err1, Q1, i1, i2, j1, j2, group_params, scaleT, zeroT,
+                                       dynamic, spec, fmt, dtype)
+            else:
+                for i in range(j1, j2):
+                    col = i1 + i
+                    s, z = _column_params(W1, WT, i, i2, col, group_params, scaleT, zeroT, dynamic, spec, dtype)
+                    q = fmt.encode(W1[i] / s, z)
                     values = fmt.decode(q).to(dtype)
                     deq = (values - z) * s if z is not None else values * s
                     codesT[col] = q
-                torch.sub(w, deq, out=err)
-                W1[i:j2].addr_(Hn1[i, i:j2], err, alpha=-1)  # one fused rank-1 update, no temporary
+                    torch.sub(W1[i], deq, out=Err1[i])
+                    W1[i:j2].addr_(Hn1[i, i:j2], Err1[i], alpha=-1)  # one fused rank-1 update, no temporary
             W1[j2:].addmm_(Hn1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
-        if integer:
+        if compiled:
             codesT[i1:i2].copy_(Q1)
         WT[i2:].addmm_(Hn[i1:i2, i2:].T, Err1, alpha=-1)
+
+
+def _column_params(W1, WT, i, i2, col, group_params, scaleT, zeroT, dynamic, spec, dtype):
+    """Scale and zero rows of column ``col``: a dynamic group's, searched when its first column is reached on
+    the columns ahead as updated so far; else the static ones."""
+    if dynamic:
+        if col % spec.group_size == 0:
+            g = torch.cat([W1[i:], WT[i2:]])[: spec.group_size]
+            group_params.append(search_params(g.T.float(), spec.with_options(granularity="channel")))
+        s = group_params[-1][0].to(dtype)[:, 0]
+        return s, None if group_params[-1][1] is None else group_params[-1][1].to(dtype)[:, 0]
+    return scaleT[col], None if zeroT is None else zeroT[col]
+
+
+def _round_integer_columns(W1, WT, Hn1, Err1, Q1, i1, i2, j1, j2, group_params, scaleT, zeroT, dynamic, spec,
+                           fmt, dtype) -> None:
+    """Sub-block ``j1:j2`` of the block at ``i1`` through the compiled loop: in one call, or with dynamic groups
+    one call per group part (a group's parameters are searched when its first column is reached)."""
+    start = j1
+    while start < j2:
+        col = i1 + start
+        if dynamic:
+            s, z = _column_params(W1, WT, start, i2, col, group_params, scaleT, zeroT, dynamic, spec, dtype)
+            stop = min(j2, start + spec.group_size - col % spec.group_size)
+            scales = s.expand(stop - start, -1)
+            zeros = None if z is None else z.expand(stop - start, -1)
+        else:
+            stop = j2
+            scales = scaleT[i1 + start: i1 + stop]
+            zeros = None if zeroT is None else zeroT[i1 + start: i1 + stop]
+        code_range = fmt.signed_range() if zeros is None else fmt.zero_range()
+        round_columns(W1, Hn1, Err1, Q1, scales, zeros, code_range, start, stop, j2)
+        start = stop
