@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -24,9 +24,9 @@ from lowbit.formats import blocks
 from lowbit.formats.integer import IntegerFormat
 from lowbit.formats.qtensor import QTensor
 from lowbit.formats.quantize import check_finite, global_scale_of
-from lowbit.formats.scales import scale_values
 from lowbit.formats.registry import get_format
 from lowbit.formats.scale_search import search_params
+from lowbit.formats.scales import scale_values
 from lowbit.formats.spec import QuantSpec
 from lowbit.methods.gptq_kernel import round_columns
 from lowbit.methods.hessian_factor import damped_upper_inverse_cholesky
