@@ -124,7 +124,8 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
     fp32/fp64 round a sub-block in one compiled call (``lowbit.methods.gptq_kernel``; the per-column tensor
     operations were ~120 us a column of dispatch), their codes stored as floats at the block's end."""
     fmt = get_format(spec.format)
-    compiled = isinstance(fmt, IntegerFormat) and dtype in (torch.float32, torch.float64)
+    compiled = (isinstance(fmt, IntegerFormat) and dtype in (torch.float32, torch.float64)
+                and WT.device.type == "cpu")  # the compiled loop reads the tensors' memory as numpy arrays
     # a dynamic group reads the columns ahead fully updated: its first column must start a sub-block
     sub = math.gcd(SUB_BLOCK, spec.group_size) if dynamic else SUB_BLOCK
     # Hinv's rows over their diagonal: a column's error pushed on as w - deq, no division per column
