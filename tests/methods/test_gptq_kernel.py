@@ -1,4 +1,4 @@
-"""The compiled GPTQ column loop against the same steps written with tensor operations."""
+"""GPTQ's numpy column loop against the same steps written with tensor operations."""
 
 from __future__ import annotations
 

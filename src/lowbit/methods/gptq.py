@@ -121,11 +121,12 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
     was ~1.5x slower). The lazy updates are two-level: a column's error goes at once only to the columns of
     its sub-block of ``SUB_BLOCK``; the rest of the block gets each sub-block's errors in one product, the rest
     of the matrix each block's. Same arithmetic, in products instead of rank-1 updates. Integer formats in
-    fp32/fp64 round a sub-block in one compiled call (``lowbit.methods.gptq_kernel``; the per-column tensor
-    operations were ~120 us a column of dispatch), their codes stored as floats at the block's end."""
+    fp32/fp64 round a sub-block in one call that works on the tensors' memory as numpy arrays
+    (``lowbit.methods.gptq_kernel``: numpy's calls cost less than torch's), their codes stored as floats at the
+    block's end."""
     fmt = get_format(spec.format)
-    compiled = (isinstance(fmt, IntegerFormat) and dtype in (torch.float32, torch.float64)
-                and WT.device.type == "cpu")  # the compiled loop reads the tensors' memory as numpy arrays
+    in_numpy = (isinstance(fmt, IntegerFormat) and dtype in (torch.float32, torch.float64)
+                and WT.device.type == "cpu")  # the loop reads the tensors' memory as numpy arrays
     # a dynamic group reads the columns ahead fully updated: its first column must start a sub-block
     sub = math.gcd(SUB_BLOCK, spec.group_size) if dynamic else SUB_BLOCK
     # Hinv's rows over their diagonal: a column's error pushed on as w - deq, no division per column
@@ -135,10 +136,10 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
         i2 = min(i1 + options.block_size, cols)
         W1, Hn1 = WT[i1:i2].clone(), Hn[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
-        Q1 = torch.empty_like(W1) if compiled else None  # the block's codes as floats, stored at its end
+        Q1 = torch.empty_like(W1) if in_numpy else None  # the block's codes as floats, stored at its end
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
-            if compiled:
+            if in_numpy:
                 _round_integer_columns(W1, WT, Hn1, Err1, Q1, i1, i2, j1, j2, group_params, scaleT, zeroT,
                                        dynamic, spec, fmt, dtype)
             else:
@@ -152,7 +153,7 @@ def _column_loop(WT, Hinv, codesT, group_params, scaleT, zeroT, dynamic, spec, o
                     torch.sub(W1[i], deq, out=Err1[i])
                     W1[i:j2].addr_(Hn1[i, i:j2], Err1[i], alpha=-1)  # one fused rank-1 update, no temporary
             W1[j2:].addmm_(Hn1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
-        if compiled:
+        if in_numpy:
             codesT[i1:i2].copy_(Q1)
         WT[i2:].addmm_(Hn[i1:i2, i2:].T, Err1, alpha=-1)
 
@@ -171,7 +172,7 @@ def _column_params(W1, WT, i, i2, col, group_params, scaleT, zeroT, dynamic, spe
 
 def _round_integer_columns(W1, WT, Hn1, Err1, Q1, i1, i2, j1, j2, group_params, scaleT, zeroT, dynamic, spec,
                            fmt, dtype) -> None:
-    """Sub-block ``j1:j2`` of the block at ``i1`` through the compiled loop: in one call, or with dynamic groups
+    """Sub-block ``j1:j2`` of the block at ``i1`` through ``round_columns``: in one call, or with dynamic groups
     one call per group part (a group's parameters are searched when its first column is reached)."""
     start = j1
     while start < j2:
