@@ -14,14 +14,15 @@ model with onnx.checker, and write it atomically. Modes:
 The int8 defaults are the measured best for onnxruntime (bench/onnx_minilm.py, on AVX2 and AVX-512 VNNI CPUs):
 weights on a 7-bit grid stored as int8 (exact in the fast uint8 x int8 kernel of AVX2 CPUs, see ``onnx_int8``),
 GPTQ rounding, asymmetric per-tensor int8 activations (one DynamicQuantizeLinear, which onnxruntime fuses into
-its product) except symmetric per-token ones for the linears most hurt by a per-tensor scale (measured on
-calibration paragraphs that follow the evaluation ones), int8 embedding rows.
+its product) with SmoothQuant's per-channel input scaling where it at least halves a linear's per-tensor
+loss, then symmetric per-token scales for the three linears still most hurt by a per-tensor scale (both
+measured on calibration paragraphs that follow the evaluation ones), int8 embedding rows.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ class OnnxExportOptions:
 
     ``weights``/``activations`` override the scheme's specs (None: the mode's defaults: for int8
     ``int7:channel`` and per-tensor int8); ``token_linears`` linears (the most sensitive, measured) get
-    per-token activation scales; ``act_rules`` (``PATTERN=ACTSPEC``) set input specs by name; ``keep``
+    per-token activation scales; ``smooth``: the linears that read their input alone get SmoothQuant's
+    per-channel input scaling (an explicit Mul in the graph) where it at least halves their measured
+    per-tensor loss (``onnx_sensitivity``; ``smooth_alpha`` its migration strength); ``act_rules`` (``PATTERN=ACTSPEC``) set input specs by name; ``keep``
     patterns stay in float. Calibration (GPTQ, sensitivity) uses the default text's paragraphs after the
     first ``EVAL_PARAGRAPHS`` (the evaluation sentences), or ``calib_text``. ``fuse``: integer linears that
     read the same input (q, k, v) run as one product and a Split (the same numbers; slower for batches, see
@@ -60,7 +63,9 @@ class OnnxExportOptions:
     activations: str | None = None
     scale_search: str | None = None
     method: str = "gptq"
-    token_linears: int = 8
+    token_linears: int = 3
+    smooth: bool = True
+    smooth_alpha: float = 0.5
     act_rules: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
     recipe_file: str | None = None
@@ -85,6 +90,8 @@ class OnnxExportOptions:
                               f"got {self.opset}")
         if self.token_linears < 0 or self.calib_samples <= 0 or self.calib_length < 8:
             raise LowbitError("--token-linears must be >= 0, --calib-samples > 0 and --calib-length >= 8")
+        if not 0.0 < self.smooth_alpha < 1.0:
+            raise LowbitError(f"--smooth-alpha must lie strictly between 0 and 1, got {self.smooth_alpha}")
 
 
 def onnx_recipe(opts: OnnxExportOptions, token_names: tuple[str, ...] = ()):
@@ -151,19 +158,43 @@ def calibration_windows(tokenizer, sentences: list[str], samples: int, length: i
     return eval_windows(tokenize(tokenizer, "\n\n".join(used)), samples, length).ids
 
 
-def choose_token_linears(loaded: LoadedModel, opts: OnnxExportOptions, sentences: list[str]) -> tuple[str, ...]:
-    """The ``opts.token_linears`` linears whose per-tensor activation quantization costs the most."""
-    from lowbit.export.onnx_sensitivity import linear_names, most_sensitive, per_tensor_losses
+@dataclass(frozen=True)
+class InputPlan:
+    """How the linears' inputs are prepared before quantization: SmoothQuant scales for some (linear name ->
+    per-channel scales) and per-token activation scales for others (names)."""
+
+    smoothing: dict = field(default_factory=dict)
+    token_linears: tuple[str, ...] = ()
+
+
+def plan_inputs(loaded: LoadedModel, opts: OnnxExportOptions, sentences: list[str]) -> InputPlan:
+    """Measure, on calibration sentences, which linears to smooth (``opts.smooth``) and which ``opts.token_linears``
+    then still lose the most to per-tensor input scales. Nothing to plan for recipe files or per-token bases."""
+    from lowbit.export.onnx_sensitivity import choose_smoothing, linear_names, most_sensitive, per_tensor_losses
     from lowbit.formats.activation import parse_activation_spec
 
     recipe = onnx_recipe(opts)
     base = [r.input_spec for r in recipe.rules if "Linear" in r.targets][0]
-    if opts.token_linears == 0 or opts.recipe_file or base is None or base.granularity == "token":
-        return ()
+    if (opts.token_linears == 0 and not opts.smooth) or opts.recipe_file or base is None or base.granularity == "token":
+        return InputPlan()
     names = linear_names(loaded.model, recipe)
-    losses = per_tensor_losses(loaded.model, loaded.tokenizer, sentences[:opts.sensitivity_sentences], names,
-                               parse_activation_spec(str(base)))
-    return tuple(most_sensitive(losses, opts.token_linears))
+    spec = parse_activation_spec(str(base))
+    used = sentences[:opts.sensitivity_sentences]
+    losses = per_tensor_losses(loaded.model, loaded.tokenizer, used, names, spec)
+    smoothing = {}
+    if opts.smooth:
+        smoothing, losses = choose_smoothing(loaded.model, loaded.tokenizer, used, names, spec, losses,
+                                             opts.smooth_alpha)
+    return InputPlan(smoothing, tuple(most_sensitive(losses, opts.token_linears)))
+
+
+def apply_smoothing(model, plan: InputPlan) -> None:
+    """Attach the plan's input smoothing to ``model`` (before any input quantizer)."""
+    from lowbit.transforms.input_smoothing import attach_input_smoothing
+
+    modules = dict(model.named_modules())
+    for name, scales in plan.smoothing.items():
+        attach_input_smoothing(modules[name], scales)
 
 
 def check_graph(proto) -> None:
@@ -200,9 +231,11 @@ def build_onnx(loaded: LoadedModel, opts: OnnxExportOptions, progress: bool = Fa
         raise LowbitError(f"ONNX export handles encoders and causal LMs; {loaded.source} is a {loaded.kind}")
     if opts.mode == "float":
         return _finished(trace_encoder(loaded.model, loaded.tokenizer, opts.opset), opts), None, {}
-    needs_calibration = opts.method == "gptq" or (opts.token_linears and not opts.recipe_file)
+    needs_calibration = opts.method == "gptq" or ((opts.token_linears or opts.smooth) and not opts.recipe_file)
     sentences = calibration_sentences(opts) if needs_calibration else []
-    recipe = onnx_recipe(opts, choose_token_linears(loaded, opts, sentences) if sentences else ())
+    plan = plan_inputs(loaded, opts, sentences) if sentences else InputPlan()
+    apply_smoothing(loaded.model, plan)
+    recipe = onnx_recipe(opts, plan.token_linears)
     if opts.method == "gptq":
         from lowbit.pipeline.calibrated import quantize_calibrated
 
@@ -259,7 +292,9 @@ def export_onnx(opts: OnnxExportOptions, loaded: LoadedModel | None = None, prog
     with atomic_file(out, force=opts.force) as tmp:
         onnx.save_model(proto, str(tmp))
     from lowbit.export.onnx_kv import has_kv_cache
+    from lowbit.transforms.input_smoothing import input_smoothings
 
     return {"path": str(out), "bytes": out.stat().st_size, "mode": opts.mode, "kv_cache": has_kv_cache(proto),
             "recipe": None if quantized is None else quantized.recipe.to_dict(),
+            "smoothed": [] if quantized is None else sorted(input_smoothings(quantized.model)),
             "lowering": lowering, "opset": opts.opset, "seconds": round(time.perf_counter() - start, 2)}
