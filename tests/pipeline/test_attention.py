@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import lowbit.pipeline.attention as attention
 from lowbit.pipeline.attention import causal_chunk_attention
-from lowbit.pipeline.compute import as_float32, computing_in
+from lowbit.pipeline.compute import as_stored, computing_in
 from lowbit.pipeline.layers import capture_inputs, find_blocks, run_block
 from tests.arch_models import random_ids, tiny_model
 
@@ -65,7 +65,7 @@ def test_bf16_block_passes_use_the_chunks_and_put_sdpa_back(family):
     handle = attn.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
     expected = run_block(block, inputs)
     with computing_in(block, torch.bfloat16) as cast:
-        got = as_float32(run_block(block, cast(inputs)), inputs)
+        got = as_stored(run_block(block, cast(inputs)), inputs)
     handle.remove()
     before = model.config._attn_implementation
     during = attention.NAME if before == "sdpa" else before

@@ -121,3 +121,43 @@ def test_stacking_linears_that_share_an_input_gives_the_same_codes():
         alone = gptq(w, spec, stats.hessian())
         assert torch.equal(part.codes, alone.codes) and torch.equal(part.scales, alone.scales)
         assert torch.equal(part.zeros, alone.zeros) and part.shape == alone.shape
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_bf16_activations_held_between_blocks_give_the_codes_of_fp32_ones(monkeypatch, family, true_sequential):
+    """A bf16 pass's outputs are kept in bf16 for the next block, and the first block's captured inputs too (half
+    the memory); holding them in fp32, as lowbit once did, gives bit for bit the same QTensors (one-pass and
+    two-pass pipelines)."""
+    import lowbit.pipeline.calibrated as calibrated
+    from lowbit.pipeline.compute import as_stored
+    from tests.arch_models import lowbit_model
+
+    def widened(outputs, inputs):
+        return [type(o)(o.hidden.float(), o.kwargs) for o in as_stored(outputs, inputs)]
+
+    real = calibrated._quantize_block
+    seen: list[torch.dtype] = []
+
+    def spy(run, block, index, block_prefix, inputs):
+        seen.append(inputs[0].hidden.dtype)
+        return real(run, block, index, block_prefix, inputs)
+
+    monkeypatch.setattr(calibrated, "_quantize_block", spy)
+    results, dtypes = {}, []
+    for keep in (True, False):
+        if not keep:
+            monkeypatch.setattr(calibrated, "as_stored", widened)
+            monkeypatch.setattr(calibrated, "narrowed_for", lambda batches, dtype, fp32_passes: batches)
+        seen.clear()
+        model = lowbit_model(family)
+        ids = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(1))
+        recipe = _recipe("gptq", "int4:g32", true_sequential=true_sequential)
+        results[keep] = quantize_calibrated(model, recipe, ids, batch_size=2, progress=False,
+                                            compute_dtype=torch.bfloat16).qtensors
+        dtypes.append(list(seen))
+    assert set(dtypes[0]) == {torch.bfloat16} and set(dtypes[1]) == {torch.float32}
+    assert results[True].keys() == results[False].keys()
+    for name, qt in results[True].items():
+        other = results[False][name]
+        assert torch.equal(qt.codes, other.codes) and torch.equal(qt.scales, other.scales), name

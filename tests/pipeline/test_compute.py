@@ -8,7 +8,7 @@ import torch
 
 from lowbit.formats.activation import parse_activation_spec
 from lowbit.model.act_quant import attach_input_quantizer
-from lowbit.pipeline.compute import as_float32, computing_in
+from lowbit.pipeline.compute import as_stored, computing_in, narrowed_for
 from lowbit.pipeline.layers import BlockInput, capture_inputs, find_blocks, run_block
 from tests.arch_models import random_ids, tiny_model
 
@@ -23,15 +23,46 @@ def test_bf16_pass_is_close_to_fp32_and_puts_the_fp32_weights_back(family):
     expected = run_block(block, inputs)
     with computing_in(block, torch.bfloat16) as cast:
         assert all(p.dtype == torch.bfloat16 for p in block.parameters())
-        got = as_float32(run_block(block, cast(inputs)), inputs)
+        got = as_stored(run_block(block, cast(inputs)), inputs)
     for name, p in block.named_parameters():
         pointer, copy = before[name]
         assert p.data_ptr() == pointer and torch.equal(p.data, copy)  # the same fp32 storage, untouched
     for e, g, b in zip(expected, got, inputs):
-        assert g.hidden.dtype == torch.float32 and g.kwargs is b.kwargs
+        assert g.hidden.dtype == torch.bfloat16 and g.kwargs is b.kwargs  # kept as computed: exact
         assert torch.isfinite(g.hidden).all()
         error = (g.hidden - e.hidden).norm() / e.hidden.norm()
         assert 0 < error < 2e-2  # bf16 rounding: close, not equal
+
+
+def test_bf16_outputs_feed_the_next_pass_uncopied_and_widen_exactly():
+    model = tiny_model("llama", seed=2)
+    _, blocks = find_blocks(model)
+    inputs = capture_inputs(model, blocks[0], random_ids(2, 24), batch_size=1)
+    with computing_in(blocks[0], torch.bfloat16) as cast:
+        outputs = as_stored(run_block(blocks[0], cast(inputs)), inputs)
+    with computing_in(blocks[1], torch.bfloat16) as cast:
+        assert all(b.hidden is o.hidden for b, o in zip(cast(outputs), outputs))  # no second copy
+    with computing_in(blocks[1], torch.float32) as cast:
+        widened = list(cast(outputs))
+    for w, o in zip(widened, outputs):
+        assert w.hidden.dtype == torch.float32 and torch.equal(w.hidden.to(torch.bfloat16), o.hidden)
+        assert w.kwargs is o.kwargs
+
+
+def test_captured_inputs_are_narrowed_only_where_every_pass_casts_them_so():
+    model = tiny_model("llama", seed=3)
+    _, blocks = find_blocks(model)
+    inputs = capture_inputs(model, blocks[0], random_ids(2, 24), batch_size=1)
+    narrowed = narrowed_for(inputs, torch.bfloat16, fp32_passes=False)
+    with computing_in(blocks[0], torch.bfloat16) as cast:
+        from_fp32 = run_block(blocks[0], cast(inputs))
+    with computing_in(blocks[0], torch.bfloat16) as cast:
+        from_bf16 = run_block(blocks[0], cast(narrowed))
+    for a, b, n, i in zip(from_fp32, from_bf16, narrowed, inputs):
+        assert n.hidden.dtype == torch.bfloat16 and n.kwargs is i.kwargs
+        assert torch.equal(a.hidden, b.hidden)  # the pass computes the same values from half the bytes
+    assert narrowed_for(inputs, torch.bfloat16, fp32_passes=True) is inputs  # W8A8's autocast pass reads fp32
+    assert narrowed_for(inputs, torch.float32, fp32_passes=False) is inputs
 
 
 def test_fp32_pass_changes_nothing():

@@ -34,7 +34,7 @@ from lowbit.model.act_quant import InputQuantizer, attach_input_quantizer, input
 from lowbit.model.finite import first_nonfinite_module, nonfinite_count
 from lowbit.model.streaming import StreamingSource
 from lowbit.observers.input_stats import InputStats
-from lowbit.pipeline.compute import as_float32, computing_in
+from lowbit.pipeline.compute import as_stored, computing_in, in_fp32, narrowed_for
 from lowbit.pipeline.layers import BlockInput, capture_inputs, find_blocks, run_block
 from lowbit.pipeline.linears import apply_transforms, attach_activation_quantizer, method_inputs, stackable_groups
 from lowbit.pipeline.observe import observe_block
@@ -96,6 +96,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, calib_ids: torch.Tenso
                sequential=_runs_sequential(recipe, quantizer, transforms), traces={})
     prefix, blocks = find_blocks(model)
     inputs = capture_inputs(model, blocks[0], calib_ids, batch_size)
+    inputs = narrowed_for(inputs, compute_dtype, fp32_passes=any(s is not None for s in input_specs.values()))
     if source is not None:
         source.release_outside()  # not needed again until the end
     first = 0
@@ -253,7 +254,7 @@ def _quantize_sequential(run: _Run, block: nn.Module, index: int, block_prefix: 
         for rel, (part, weight) in parts.items():
             targets[rel].weight.data.copy_(weight.to(originals[rel].dtype))
             run.result.qtensors[block_prefix + rel + ".weight"] = part
-    outputs = as_float32([BlockInput(h, {}) for h in hidden], inputs)
+    outputs = as_stored([BlockInput(h, {}) for h in hidden], inputs)
     return _propagate(block, inputs, run.compute_dtype, index, block_prefix, run.result, outputs=outputs)
 
 
@@ -264,7 +265,7 @@ def _save(run: _Run, state: BlockState, block: nn.Module, index: int, block_pref
     quantizers = {block_prefix + n: q for n, q in input_quantizers(block).items()}
     floats = {block_prefix + n: p.data for n, p in block.named_parameters()
               if block_prefix + n not in qtensors and p.is_floating_point()}
-    # A bf16 pass's outputs are bf16 values held in fp32: stored as bf16 they take half the bytes, exactly.
+    # A bf16 pass's outputs are already held in bf16 (as_stored): the to() below copies nothing then.
     exact_bf16 = run.compute_dtype == torch.bfloat16 and index not in run.result.fp32_blocks
     hidden = [o.hidden.to(torch.bfloat16) if exact_bf16 else o.hidden for o in outputs]
     state.save_block(index, qtensors, quantizers, floats, hidden, run.result.fp32_blocks)
@@ -344,7 +345,7 @@ def _observe(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[Block
     bad = [name for name, s in stats.items() if not s.finite()]
     if bad and compute_dtype != torch.float32:
         _recompute_in_fp32(index, result, f"input statistics of {bad[0]}")
-        stats, _ = observe_block(block, targets, inputs, hessian_dtype=torch.float32, **collect)
+        stats, _ = observe_block(block, targets, in_fp32(inputs), hessian_dtype=torch.float32, **collect)
         bad = [name for name, s in stats.items() if not s.finite()]
     if bad:
         raise LowbitError(f"block {index}: the input statistics of {bad[0]} are NaN/Inf even in fp32 (the "
@@ -361,15 +362,15 @@ def _propagate(block: nn.Module, inputs: list[BlockInput], compute_dtype: torch.
     """
     if outputs is None:
         with computing_in(block, compute_dtype) as cast:
-            outputs = as_float32(run_block(block, cast(inputs)), inputs)
+            outputs = as_stored(run_block(block, cast(inputs)), inputs)
     finite = _finite_outputs(outputs)
     if compute_dtype != torch.float32 and not finite:
         _recompute_in_fp32(index, result, "outputs")
-        outputs = run_block(block, inputs)
+        outputs = run_block(block, list(in_fp32(inputs)))
         finite = _finite_outputs(outputs)
     if not finite:
         bad = next(b for b, o in zip(inputs, outputs) if nonfinite_count(o.hidden))
-        name, count, _ = first_nonfinite_module(block, lambda: run_block(block, [bad]))
+        name, count, _ = first_nonfinite_module(block, lambda: run_block(block, list(in_fp32([bad]))))
         where = block_prefix + name if name else block_prefix.rstrip(".")
         raise LowbitError(f"the quantized model computes NaN/Inf: first in the output of {where} "
                           f"({count} values) on calibration data; nothing was written")

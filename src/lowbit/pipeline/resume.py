@@ -170,7 +170,7 @@ class BlockState:
         try:
             validate_safetensors(path)
             with safe_open(str(path), framework="pt") as f:
-                return [f.get_tensor(key).float() for key in sorted(f.keys())]  # bf16 when saved so: exact
+                return [f.get_tensor(key) for key in sorted(f.keys())]  # bf16 after a bf16 pass, as the run held them
         except _READ_ERRORS as exc:
             raise _damaged(self.folder, path.name, exc) from None
 
