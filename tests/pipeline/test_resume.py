@@ -147,18 +147,34 @@ def test_resume_without_a_state_starts_from_the_first_block_and_a_fresh_run_keep
     assert fresh.done == 0 and (old / "state.json").read_text() == "{}"
 
 
-def test_bf16_pass_outputs_are_saved_as_bf16_and_resume_exactly(tmp_path, monkeypatch):
-    """A bf16 pass's hidden states are bf16 values: the state stores them in half the bytes, and a resumed run
-    (which reads them back as fp32) still equals the uninterrupted one bit for bit."""
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A8"])
+def test_a_bf16_run_saves_the_hidden_states_it_holds_and_resumes_exactly(tmp_path, monkeypatch, scheme):
+    """A plain bf16 pass (W4A16) holds bf16 hidden states: the state stores them so, in half the bytes. A block with
+    input quantizers (W4A8) runs under autocast, whose outputs are fp32 values bf16 cannot hold: they are stored
+    as they are, since rounding them would change what the resumed run's next block reads. Either way the state
+    holds exactly the run's outputs, and a resumed run equals the uninterrupted one bit for bit."""
     from safetensors import safe_open
 
+    import lowbit.pipeline.calibrated as calibrated
+
     recipe = _recipe("gptq")
+    if scheme == "W4A16":
+        recipe = Recipe(scheme="W4A16", method="gptq", rules=(Rule(("Linear",), parse_spec("int4:g32:asym"), None),))
     reference = _run(tmp_path / "ref.calib-state", False, recipe=recipe, dtype=torch.bfloat16)
-    folder = tmp_path / "k0.calib-state"
+    folder, held = tmp_path / "k0.calib-state", {}
+    save = calibrated._save
+
+    def keep_outputs(run, state, block, index, block_prefix, outputs):
+        held[index] = [o.hidden.clone() for o in outputs]
+        save(run, state, block, index, block_prefix, outputs)
+
     with monkeypatch.context() as m:
+        m.setattr(calibrated, "_save", keep_outputs)
         die_after_block(m, 0)
         with pytest.raises(Killed):
             _run(folder, False, recipe=recipe, dtype=torch.bfloat16)
     with safe_open(str(folder / "inputs-00000.safetensors"), framework="pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        stored = [f.get_tensor(k) for k in sorted(f.keys())]
+    assert {t.dtype for t in stored} == {torch.bfloat16 if scheme == "W4A16" else torch.float32}
+    assert len(stored) == len(held[0]) and all(torch.equal(t, h) for t, h in zip(stored, held[0]))
     _assert_identical(_run(folder, True, recipe=recipe, dtype=torch.bfloat16), reference)

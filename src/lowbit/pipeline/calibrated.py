@@ -265,10 +265,9 @@ def _save(run: _Run, state: BlockState, block: nn.Module, index: int, block_pref
     quantizers = {block_prefix + n: q for n, q in input_quantizers(block).items()}
     floats = {block_prefix + n: p.data for n, p in block.named_parameters()
               if block_prefix + n not in qtensors and p.is_floating_point()}
-    # A bf16 pass's outputs are already held in bf16 (as_stored): the to() below copies nothing then.
-    exact_bf16 = run.compute_dtype == torch.bfloat16 and index not in run.result.fp32_blocks
-    hidden = [o.hidden.to(torch.bfloat16) if exact_bf16 else o.hidden for o in outputs]
-    state.save_block(index, qtensors, quantizers, floats, hidden, run.result.fp32_blocks)
+    # The outputs as the run holds them (as_stored): bf16 after a plain bf16 pass, fp32 after an fp32 or autocast
+    # pass (whose values bf16 cannot hold), so the resumed run's next block reads exactly what this one would.
+    state.save_block(index, qtensors, quantizers, floats, [o.hidden for o in outputs], run.result.fp32_blocks)
 
 
 def _restore(run: _Run, state: BlockState, blocks: nn.ModuleList, prefix: str, inputs: list[BlockInput],
@@ -366,11 +365,11 @@ def _propagate(block: nn.Module, inputs: list[BlockInput], compute_dtype: torch.
     finite = _finite_outputs(outputs)
     if compute_dtype != torch.float32 and not finite:
         _recompute_in_fp32(index, result, "outputs")
-        outputs = run_block(block, list(in_fp32(inputs)))
+        outputs = run_block(block, in_fp32(inputs))
         finite = _finite_outputs(outputs)
     if not finite:
         bad = next(b for b, o in zip(inputs, outputs) if nonfinite_count(o.hidden))
-        name, count, _ = first_nonfinite_module(block, lambda: run_block(block, list(in_fp32([bad]))))
+        name, count, _ = first_nonfinite_module(block, lambda: run_block(block, in_fp32([bad])))
         where = block_prefix + name if name else block_prefix.rstrip(".")
         raise LowbitError(f"the quantized model computes NaN/Inf: first in the output of {where} "
                           f"({count} values) on calibration data; nothing was written")
